@@ -1,0 +1,176 @@
+//! The one place that names events: every structured event Parley logs, a sink trait to emit them,
+//! a JSON-lines sink for production and a recording sink for tests. See `docs/events.md`.
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+};
+
+use chrono::{SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Event names, stable: dashboards and alerts match on them.
+pub mod names {
+    pub const MESSAGE_RECEIVED: &str = "message_received";
+    pub const JOB_ADDED: &str = "job_added";
+    pub const DUPLICATE_MESSAGE_DROPPED: &str = "duplicate_message_dropped";
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
+    pub const QUOTA_EXCEEDED_HANDLED: &str = "quota_exceeded_handled";
+    pub const KNOWLEDGE_RETRIEVED: &str = "knowledge_retrieved";
+    pub const LLM_REQUEST: &str = "llm_request";
+    pub const LLM_REQUEST_COMPLETED: &str = "llm_request_completed";
+    pub const MESSAGE_SENT: &str = "message_sent";
+    pub const SEND_FAILED: &str = "send_failed";
+    pub const SEND_SKIPPED: &str = "send_skipped";
+    pub const JOB_RETRY: &str = "job_retry";
+    pub const JOB_FAILED: &str = "job_failed";
+    pub const STAGE_FAILED_OPEN: &str = "stage_failed_open";
+    pub const PIPELINE_RELOADED: &str = "pipeline_reloaded";
+    pub const PIPELINE_RELOAD_FAILED: &str = "pipeline_reload_failed";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// One structured event: a stable name, a level and flat fields (camelCase names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub name: &'static str,
+    pub level: Level,
+    pub fields: Map<String, Value>,
+}
+
+impl Event {
+    pub fn new(level: Level, name: &'static str) -> Self {
+        Self { name, level, fields: Map::new() }
+    }
+    pub fn info(name: &'static str) -> Self {
+        Self::new(Level::Info, name)
+    }
+    pub fn warn(name: &'static str) -> Self {
+        Self::new(Level::Warn, name)
+    }
+    pub fn error(name: &'static str) -> Self {
+        Self::new(Level::Error, name)
+    }
+    pub fn debug(name: &'static str) -> Self {
+        Self::new(Level::Debug, name)
+    }
+
+    /// Adds a field. Values that fail to serialise become their error text rather than vanish.
+    pub fn with(mut self, key: &str, value: impl Serialize) -> Self {
+        let value = serde_json::to_value(value).unwrap_or_else(|e| Value::String(e.to_string()));
+        self.fields.insert(key.to_owned(), value);
+        self
+    }
+
+    pub fn field(&self, key: &str) -> Option<&Value> {
+        self.fields.get(key)
+    }
+}
+
+pub trait EventSink: Send + Sync {
+    fn emit(&self, event: Event);
+}
+
+/// Writes one JSON object per line: `timestamp`, `level`, `event`, then the fields at top level.
+pub struct JsonLinesSink {
+    out: Mutex<Box<dyn Write + Send>>,
+    min_level: Level,
+}
+
+impl JsonLinesSink {
+    pub fn stdout(min_level: Level) -> Self {
+        Self::new(Box::new(std::io::stdout()), min_level)
+    }
+
+    pub fn new(out: Box<dyn Write + Send>, min_level: Level) -> Self {
+        Self { out: Mutex::new(out), min_level }
+    }
+
+    pub fn render(event: &Event) -> String {
+        let mut line = Map::with_capacity(event.fields.len() + 3);
+        line.insert("timestamp".into(), Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true).into());
+        line.insert("level".into(), serde_json::to_value(event.level).unwrap_or(Value::Null));
+        line.insert("event".into(), event.name.into());
+        for (k, v) in &event.fields {
+            line.insert(k.clone(), v.clone());
+        }
+        Value::Object(line).to_string()
+    }
+}
+
+impl EventSink for JsonLinesSink {
+    fn emit(&self, event: Event) {
+        if event.level < self.min_level {
+            return;
+        }
+        let mut line = Self::render(&event);
+        line.push('\n');
+        // A poisoned lock only means another thread panicked mid-write; keep logging.
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = out.write_all(line.as_bytes());
+        let _ = out.flush();
+    }
+}
+
+/// Keeps every event, for tests.
+#[derive(Default, Clone)]
+pub struct MemoryEvents {
+    events: Arc<Mutex<Vec<Event>>>,
+}
+
+impl MemoryEvents {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn all(&self) -> Vec<Event> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.all().iter().map(|e| e.name).collect()
+    }
+
+    pub fn named(&self, name: &str) -> Vec<Event> {
+        self.all().into_iter().filter(|e| e.name == name).collect()
+    }
+
+    pub fn count(&self, name: &str) -> usize {
+        self.named(name).len()
+    }
+
+    pub fn clear(&self) {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+impl EventSink for MemoryEvents {
+    fn emit(&self, event: Event) {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).push(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_line_puts_fields_at_top_level() {
+        let e = Event::info(names::RATE_LIMITED).with("scope", "conversation").with("count", 6);
+        let line: Value = serde_json::from_str(&JsonLinesSink::render(&e)).unwrap();
+        assert_eq!(line["event"], "rate_limited");
+        assert_eq!(line["level"], "info");
+        assert_eq!(line["scope"], "conversation");
+        assert_eq!(line["count"], 6);
+    }
+}
