@@ -40,9 +40,23 @@ impl FromStr for ConfigDuration {
     }
 }
 
+/// Prints the way operators write durations: one unit, the largest that divides it among h, m,
+/// s and ms (`24h`, `5m`, `90s`, `500ms`), never days, since the checklist speaks in hours.
 impl fmt::Display for ConfigDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
+        let ms = self.0.as_millis();
+        if !ms.is_multiple_of(1000) {
+            return match self.0.subsec_nanos() % 1_000_000 {
+                0 => write!(f, "{ms}ms"),
+                _ => write!(f, "{}", humantime::format_duration(self.0)),
+            };
+        }
+        let s = ms / 1000;
+        match s {
+            _ if s.is_multiple_of(3600) => write!(f, "{}h", s / 3600),
+            _ if s.is_multiple_of(60) => write!(f, "{}m", s / 60),
+            _ => write!(f, "{s}s"),
+        }
     }
 }
 
@@ -103,6 +117,9 @@ mod tests {
 
     #[test]
     fn displays_back_to_the_same_text() {
-        assert_eq!("5m".parse::<ConfigDuration>().unwrap().to_string(), "5m");
+        for text in ["5m", "24h", "48h", "90s", "500ms", "30s"] {
+            assert_eq!(text.parse::<ConfigDuration>().unwrap().to_string(), text);
+        }
+        assert_eq!("1h 30m".parse::<ConfigDuration>().unwrap().to_string(), "90m");
     }
 }

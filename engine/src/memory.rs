@@ -54,7 +54,11 @@ pub struct FailureSwitch(AtomicBool);
 
 impl FailureSwitch {
     fn check(&self, service: &'static str) -> Result<(), PortError> {
-        if self.0.load(Ordering::SeqCst) { Err(PortError::unavailable(service, "connection refused (test)")) } else { Ok(()) }
+        if self.0.load(Ordering::SeqCst) {
+            Err(PortError::unavailable(service, "connection refused (test)"))
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -91,7 +95,8 @@ impl MemoryKv {
     /// Every unexpired key.
     pub fn keys(&self) -> Vec<String> {
         let now = self.clock.now();
-        let mut keys: Vec<String> = lock(&self.data).iter().filter(|(_, (_, exp))| *exp > now).map(|(k, _)| k.clone()).collect();
+        let mut keys: Vec<String> =
+            lock(&self.data).iter().filter(|(_, (_, exp))| *exp > now).map(|(k, _)| k.clone()).collect();
         keys.sort();
         keys
     }
@@ -224,13 +229,21 @@ impl RelationalStore for MemoryStore {
         Ok(QuotaDecision::Granted { used })
     }
 
-    async fn block_conversation_quota(&self, conversation: &ConversationId, block: &QuotaBlock) -> Result<(), PortError> {
+    async fn block_conversation_quota(
+        &self,
+        conversation: &ConversationId,
+        block: &QuotaBlock,
+    ) -> Result<(), PortError> {
         self.failing.check("postgres")?;
         lock(&self.state).blocks.insert(conversation.clone(), block.clone());
         Ok(())
     }
 
-    async fn recent_messages(&self, conversation: &ConversationId, limit: usize) -> Result<Vec<HistoryMessage>, PortError> {
+    async fn recent_messages(
+        &self,
+        conversation: &ConversationId,
+        limit: usize,
+    ) -> Result<Vec<HistoryMessage>, PortError> {
         self.failing.check("postgres")?;
         let state = lock(&self.state);
         let all = state.history.get(conversation).cloned().unwrap_or_default();
@@ -261,8 +274,10 @@ impl RelationalStore for MemoryStore {
     async fn begin_outbound(&self, outbound: &NewOutbound) -> Result<OutboundRecord, PortError> {
         self.failing.check("postgres")?;
         let mut state = lock(&self.state);
-        if let Some((_, existing, _)) =
-            state.outbound.iter().find(|(o, _, _)| o.channel == outbound.channel && o.in_reply_to == outbound.in_reply_to)
+        if let Some((_, existing, _)) = state
+            .outbound
+            .iter()
+            .find(|(o, _, _)| o.channel == outbound.channel && o.in_reply_to == outbound.in_reply_to)
         {
             return Ok(existing.clone());
         }
@@ -276,7 +291,11 @@ impl RelationalStore for MemoryStore {
         Ok(record)
     }
 
-    async fn mark_outbound_sent(&self, outbound_id: &str, provider_message_id: &ProviderMessageId) -> Result<(), PortError> {
+    async fn mark_outbound_sent(
+        &self,
+        outbound_id: &str,
+        provider_message_id: &ProviderMessageId,
+    ) -> Result<(), PortError> {
         self.failing.check("postgres")?;
         let mut state = lock(&self.state);
         if let Some((_, r, _)) = state.outbound.iter_mut().find(|(_, r, _)| r.id == outbound_id) {
@@ -286,7 +305,12 @@ impl RelationalStore for MemoryStore {
         Ok(())
     }
 
-    async fn mark_outbound_failed(&self, outbound_id: &str, code: Option<&str>, _reason: &str) -> Result<(), PortError> {
+    async fn mark_outbound_failed(
+        &self,
+        outbound_id: &str,
+        code: Option<&str>,
+        _reason: &str,
+    ) -> Result<(), PortError> {
         self.failing.check("postgres")?;
         let mut state = lock(&self.state);
         if let Some((_, r, c)) = state.outbound.iter_mut().find(|(_, r, _)| r.id == outbound_id) {
@@ -337,7 +361,8 @@ impl Llm for MemoryLlm {
         }
         self.failing.check("llm")?;
         let question = request.messages.iter().rev().find(|m| m.role == ChatRole::User).map(|m| m.content.clone());
-        let text = lock(&self.answer).clone().unwrap_or_else(|| format!("Réponse à : {}", question.unwrap_or_default()));
+        let text =
+            lock(&self.answer).clone().unwrap_or_else(|| format!("Réponse à : {}", question.unwrap_or_default()));
         Ok(LlmResponse {
             text,
             model: request.model.clone().unwrap_or_else(|| "memory".into()),

@@ -155,12 +155,18 @@ pub trait RelationalStore: Send + Sync {
     ) -> Result<QuotaDecision, PortError>;
 
     /// Marks the conversation as refused by the quota for the block's period.
-    async fn block_conversation_quota(&self, conversation: &ConversationId, block: &QuotaBlock)
-    -> Result<(), PortError>;
+    async fn block_conversation_quota(
+        &self,
+        conversation: &ConversationId,
+        block: &QuotaBlock,
+    ) -> Result<(), PortError>;
 
     /// The last `limit` messages of the conversation, oldest first.
-    async fn recent_messages(&self, conversation: &ConversationId, limit: usize)
-    -> Result<Vec<HistoryMessage>, PortError>;
+    async fn recent_messages(
+        &self,
+        conversation: &ConversationId,
+        limit: usize,
+    ) -> Result<Vec<HistoryMessage>, PortError>;
 
     /// The tenant's knowledge chunks most similar to `embedding`, best first, at most `top_k`,
     /// each scoring at least `min_score`.
@@ -176,11 +182,13 @@ pub trait RelationalStore: Send + Sync {
     /// recorded for it (a retried job), whatever its text.
     async fn begin_outbound(&self, outbound: &NewOutbound) -> Result<OutboundRecord, PortError>;
 
-    async fn mark_outbound_sent(&self, outbound_id: &str, provider_message_id: &ProviderMessageId)
-    -> Result<(), PortError>;
+    async fn mark_outbound_sent(
+        &self,
+        outbound_id: &str,
+        provider_message_id: &ProviderMessageId,
+    ) -> Result<(), PortError>;
 
-    async fn mark_outbound_failed(&self, outbound_id: &str, code: Option<&str>, reason: &str)
-    -> Result<(), PortError>;
+    async fn mark_outbound_failed(&self, outbound_id: &str, code: Option<&str>, reason: &str) -> Result<(), PortError>;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -129,10 +129,9 @@ impl Reloader {
         let config = config::load_str(&text, &self.path.display().to_string())?;
         let next = Generation::build(current.number + 1, hash, config, &self.resources, Some(current))?;
         let old: Vec<usize> = current.instances().values().map(|s| Arc::as_ptr(s) as *const () as usize).collect();
-        let (reused, built) = next
-            .instances()
-            .values()
-            .fold((0, 0), |(r, b), s| if old.contains(&(Arc::as_ptr(s) as *const () as usize)) { (r + 1, b) } else { (r, b + 1) });
+        let (reused, built) = next.instances().values().fold((0, 0), |(r, b), s| {
+            if old.contains(&(Arc::as_ptr(s) as *const () as usize)) { (r + 1, b) } else { (r, b + 1) }
+        });
         let generation = next.number;
         self.runtime.swap(next);
         Ok(ReloadOutcome::Reloaded { generation, stages_reused: reused, stages_built: built })
@@ -144,10 +143,10 @@ impl Reloader {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let file_name = self.path.file_name().map(|n| n.to_owned());
         let mut debouncer = new_debouncer(debounce, move |res: DebounceEventResult| {
-            if let Ok(events) = res {
-                if events.iter().any(|e| e.path.file_name() == file_name.as_deref()) {
-                    let _ = tx.send(());
-                }
+            if let Ok(events) = res
+                && events.iter().any(|e| e.path.file_name() == file_name.as_deref())
+            {
+                let _ = tx.send(());
             }
         })?;
         let dir = match self.path.parent() {

@@ -57,13 +57,8 @@ impl Pipeline {
             if replied_by.is_some() && index != last {
                 continue;
             }
-            let cx = StageContext {
-                stage_id: &slot.id,
-                kind: slot.kind,
-                generation,
-                correlation: &correlation,
-                events,
-            };
+            let cx =
+                StageContext { stage_id: &slot.id, kind: slot.kind, generation, correlation: &correlation, events };
             let result = match tokio::time::timeout(slot.timeout, slot.stage.process(msg, &cx)).await {
                 Ok(result) => result,
                 Err(_) => Err(StageError::Timeout(slot.timeout)),
@@ -96,7 +91,12 @@ impl Pipeline {
                     }
                     OnError::Closed => {
                         let retryable = error.is_retryable();
-                        return Outcome::Failed { stage: slot.id.clone(), kind: slot.kind.to_owned(), error, retryable };
+                        return Outcome::Failed {
+                            stage: slot.id.clone(),
+                            kind: slot.kind.to_owned(),
+                            error,
+                            retryable,
+                        };
                     }
                 },
             }

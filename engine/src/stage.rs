@@ -48,13 +48,14 @@ impl StageError {
     }
 }
 
-/// What a stage does when it fails.
+/// What a stage does when it fails: `open` logs `stage_failed_open`, marks the message degraded
+/// and continues with the next stage; `closed` fails the job, which is retried with backoff, then
+/// dead-lettered. (Documented here rather than per variant, so that the schema is a plain `enum`
+/// and a wrong value gets a clear message.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
-    /// Log `stage_failed_open`, mark the message degraded, continue with the next stage.
     Open,
-    /// Fail the job; it is retried with backoff, then dead-lettered.
     Closed,
 }
 

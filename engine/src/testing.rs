@@ -90,7 +90,11 @@ impl TestBench {
                     temperature: None,
                 },
             },
-            ChannelInfo { id: ChannelId::new("channel-1"), provider: "sandbox".into(), phone_number_id: "PHONE_NUMBER_ID".into() },
+            ChannelInfo {
+                id: ChannelId::new("channel-1"),
+                provider: "sandbox".into(),
+                phone_number_id: "PHONE_NUMBER_ID".into(),
+            },
             ConversationInfo { id: ConversationId::new("conv-1"), quota_block: None },
             InboundText {
                 provider_message_id: ProviderMessageId::new(format!("wamid.in.{n}")),

@@ -57,7 +57,8 @@ fn setup(content: &str) -> Setup {
 #[tokio::test]
 async fn an_invalid_file_keeps_the_old_generation_serving() {
     let s = setup(&pipeline("a1", "b1"));
-    std::fs::write(&s.path, "[[stages]]\nkind = \"probe\"\nlabell = \"typo\"\n\n[[stages]]\nkind = \"send\"\n").unwrap();
+    std::fs::write(&s.path, "[[stages]]\nkind = \"probe\"\nlabell = \"typo\"\n\n[[stages]]\nkind = \"send\"\n")
+        .unwrap();
 
     let err = s.reloader.reload("test").await.unwrap_err();
 
@@ -114,16 +115,16 @@ async fn unchanged_stage_instances_are_reused() {
 #[tokio::test]
 async fn a_job_in_flight_finishes_on_the_generation_it_started_with() {
     let slow = |b: &str| {
-        format!("[[stages]]\nkind = \"probe\"\nid = \"a\"\nlabel = \"{b}-a\"\nsleep = \"300ms\"\n\n[[stages]]\nkind = \"probe\"\nid = \"b\"\nlabel = \"{b}-b\"\n\n[[stages]]\nkind = \"send\"\n")
+        format!(
+            "[[stages]]\nkind = \"probe\"\nid = \"a\"\nlabel = \"{b}-a\"\nsleep = \"300ms\"\n\n[[stages]]\nkind = \"probe\"\nid = \"b\"\nlabel = \"{b}-b\"\n\n[[stages]]\nkind = \"send\"\n"
+        )
     };
     let s = setup(&slow("g1"));
     let snapshot = s.reloader.runtime().snapshot();
     let mut msg = s.bench.message("in flight");
     let job = msg.job.id.to_string();
     let events = s.bench.events.clone();
-    let running = tokio::spawn(async move {
-        snapshot.pipeline(None).run(&mut msg, &events, snapshot.number).await
-    });
+    let running = tokio::spawn(async move { snapshot.pipeline(None).run(&mut msg, &events, snapshot.number).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
     std::fs::write(&s.path, slow("g2")).unwrap();
     s.reloader.reload("test").await.unwrap();
@@ -149,7 +150,11 @@ async fn messages_processed_during_repeated_reloads_are_neither_lost_nor_mixed()
             while !stop.load(Ordering::SeqCst) {
                 n += 1;
                 // Every third write is broken: it must be refused without disturbing anything.
-                let text = if n % 3 == 0 { "[[stages]]\nkind = \"nope\"\n".to_owned() } else { pipeline(&format!("v{n}-a"), &format!("v{n}-b")) };
+                let text = if n.is_multiple_of(3) {
+                    "[[stages]]\nkind = \"nope\"\n".to_owned()
+                } else {
+                    pipeline(&format!("v{n}-a"), &format!("v{n}-b"))
+                };
                 std::fs::write(&path, text).unwrap();
                 let _ = reloader.reload("test").await;
                 tokio::time::sleep(Duration::from_millis(2)).await;

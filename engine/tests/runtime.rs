@@ -2,12 +2,7 @@
 
 mod support;
 
-use engine::{
-    events::names,
-    runtime::Outcome,
-    stage::StageError,
-    testing::TestBench,
-};
+use engine::{events::names, runtime::Outcome, stage::StageError, testing::TestBench};
 use support::labels_of;
 
 #[tokio::test]

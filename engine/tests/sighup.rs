@@ -11,7 +11,8 @@ async fn sighup_reloads_the_pipeline() {
     let bench = TestBench::new();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("whatsapp.toml");
-    let file = |label: &str| format!("[[stages]]\nkind = \"probe\"\nlabel = \"{label}\"\n\n[[stages]]\nkind = \"send\"\n");
+    let file =
+        |label: &str| format!("[[stages]]\nkind = \"probe\"\nlabel = \"{label}\"\n\n[[stages]]\nkind = \"send\"\n");
     std::fs::write(&path, file("one")).unwrap();
     let reloader = Arc::new(Reloader::start(&path, bench.resources()).unwrap());
     let _handler = reloader.reload_on_sighup().unwrap();

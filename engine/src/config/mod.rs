@@ -92,7 +92,13 @@ pub fn load_str(text: &str, file: &str) -> Result<PipelineConfig, LoadError> {
     let doc = match SourceDoc::parse(text) {
         Ok(doc) => doc,
         Err(e) => {
-            out.push(Severity::Error, file, String::new(), e.position.map(|p| p.line), format!("invalid TOML: {}", e.message));
+            out.push(
+                Severity::Error,
+                file,
+                String::new(),
+                e.position.map(|p| p.line),
+                format!("invalid TOML: {}", e.message),
+            );
             let (errors, warnings) = out.split();
             return Err(LoadError { errors, warnings });
         }
@@ -141,10 +147,10 @@ impl Origin {
         if let Some(added) = &self.added {
             return format!("{added}{rel}");
         }
-        if let Some((at, patch)) = &self.patch {
-            if rel.is_empty() || first_defined(patch, rel) {
-                return format!("{at}{rel}");
-            }
+        if let Some((at, patch)) = &self.patch
+            && (rel.is_empty() || first_defined(patch, rel))
+        {
+            return format!("{at}{rel}");
         }
         format!("{}{rel}", self.base.as_deref().unwrap_or(""))
     }
@@ -159,6 +165,8 @@ fn first_defined(patch: &Value, rel: &str) -> bool {
 struct Entry {
     value: Value,
     origin: Origin,
+    /// The schema already refused this entry: its problems are reported, do not parse it.
+    refused: bool,
 }
 
 struct Loader<'a> {
@@ -176,12 +184,21 @@ impl Loader<'_> {
         let validator = match file_validator() {
             Ok(v) => v,
             Err(e) => {
-                self.report(out, Severity::Error, "", format!("internal error: the pipeline schema does not compile: {e}"));
+                self.report(
+                    out,
+                    Severity::Error,
+                    "",
+                    format!("internal error: the pipeline schema does not compile: {e}"),
+                );
                 return None;
             }
         };
+        let mut refused = std::collections::HashSet::new();
         for error in validator.iter_errors(&self.doc.value) {
             let (pointer, message) = describe(&error);
+            if let Some(index) = pointer.strip_prefix("/stages/").and_then(|r| r.split('/').next()) {
+                refused.insert(index.to_owned());
+            }
             self.report(out, Severity::Error, &pointer, message);
         }
         let root = self.doc.value.as_object()?;
@@ -195,6 +212,7 @@ impl Loader<'_> {
                     .map(|(i, v)| Entry {
                         value: v.clone(),
                         origin: Origin { base: Some(format!("/stages/{i}")), patch: None, added: None },
+                        refused: refused.contains(&i.to_string()),
                     })
                     .collect()
             })
@@ -203,7 +221,12 @@ impl Loader<'_> {
             for key in POSITION_KEYS {
                 if e.value.get(key).is_some() {
                     let at = e.origin.locate(&format!("/{key}"));
-                    self.report(out, Severity::Error, &at, format!("`{key}` only places a stage in a tier's `add` list"));
+                    self.report(
+                        out,
+                        Severity::Error,
+                        &at,
+                        format!("`{key}` only places a stage in a tier's `add` list"),
+                    );
                 }
             }
         }
@@ -212,7 +235,7 @@ impl Loader<'_> {
         let mut tiers = BTreeMap::new();
         if let Some(tier_tables) = root.get("tiers").and_then(Value::as_object) {
             for (name, tier) in tier_tables {
-                let entries = self.apply_tier(out, name, tier, &base_entries);
+                let entries = self.apply_tier(out, name, tier, &base_entries, base.as_ref());
                 if let Some(spec) = entries.and_then(|entries| self.resolve(out, Some(name), &entries, true)) {
                     tiers.insert(name.clone(), spec);
                 }
@@ -222,10 +245,26 @@ impl Loader<'_> {
     }
 
     /// The base entries with a tier's overrides, removals and additions applied.
-    fn apply_tier(&self, out: &mut Collector, name: &str, tier: &Value, base: &[Entry]) -> Option<Vec<Entry>> {
+    /// Tier changes merge onto the base stages with their defaults filled in (when the base
+    /// resolved), so that changing one key of a nested table keeps the default of its siblings.
+    fn apply_tier(
+        &self,
+        out: &mut Collector,
+        name: &str,
+        tier: &Value,
+        base: &[Entry],
+        resolved: Option<&PipelineSpec>,
+    ) -> Option<Vec<Entry>> {
         let at = format!("/tiers/{}", escape(name));
-        let mut entries: Vec<Entry> =
-            base.iter().map(|e| Entry { value: e.value.clone(), origin: e.origin.clone() }).collect();
+        let mut entries: Vec<Entry> = base
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Entry {
+                value: resolved.and_then(|r| r.stages.get(i)).map_or_else(|| e.value.clone(), |s| s.entry.clone()),
+                origin: e.origin.clone(),
+                refused: e.refused,
+            })
+            .collect();
         let mut ok = true;
         let id_of = |v: &Value| entry_id(v).map(str::to_owned);
 
@@ -233,16 +272,29 @@ impl Loader<'_> {
             for (id, patch) in patches {
                 let patch_at = format!("{at}/stages/{}", escape(id));
                 let Some(entry) = entries.iter_mut().find(|e| id_of(&e.value).as_deref() == Some(id)) else {
-                    self.report(out, Severity::Error, &patch_at, format!("tier `{name}` changes stage `{id}`, which the base pipeline does not have{}", known_ids(base)));
+                    self.report(
+                        out,
+                        Severity::Error,
+                        &patch_at,
+                        format!(
+                            "tier `{name}` changes stage `{id}`, which the base pipeline does not have{}",
+                            known_ids(base)
+                        ),
+                    );
                     ok = false;
                     continue;
                 };
-                if let Some(kind) = patch.get("kind") {
-                    if Some(kind) != entry.value.get("kind") {
-                        self.report(out, Severity::Error, &format!("{patch_at}/kind"), "a tier cannot change a stage's kind; remove the stage and add another".into());
-                        ok = false;
-                        continue;
-                    }
+                if let Some(kind) = patch.get("kind")
+                    && Some(kind) != entry.value.get("kind")
+                {
+                    self.report(
+                        out,
+                        Severity::Error,
+                        &format!("{patch_at}/kind"),
+                        "a tier cannot change a stage's kind; remove the stage and add another".into(),
+                    );
+                    ok = false;
+                    continue;
                 }
                 if patch.get("id").is_some_and(|v| v.as_str() != Some(id)) {
                     self.report(out, Severity::Error, &format!("{patch_at}/id"), "a tier cannot rename a stage".into());
@@ -260,7 +312,15 @@ impl Loader<'_> {
                 let before = entries.len();
                 entries.retain(|e| id_of(&e.value).as_deref() != Some(id));
                 if entries.len() == before {
-                    self.report(out, Severity::Error, &format!("{at}/remove/{i}"), format!("tier `{name}` removes stage `{id}`, which the base pipeline does not have{}", known_ids(base)));
+                    self.report(
+                        out,
+                        Severity::Error,
+                        &format!("{at}/remove/{i}"),
+                        format!(
+                            "tier `{name}` removes stage `{id}`, which the base pipeline does not have{}",
+                            known_ids(base)
+                        ),
+                    );
                     ok = false;
                 }
             }
@@ -282,7 +342,12 @@ impl Loader<'_> {
                             Some(p) => p + usize::from(after.is_some()),
                             None => {
                                 let key = if before.is_some() { "before" } else { "after" };
-                                self.report(out, Severity::Error, &format!("{add_at}/{key}"), format!("no stage `{anchor}` in tier `{name}` to place this stage {key}"));
+                                self.report(
+                                    out,
+                                    Severity::Error,
+                                    &format!("{add_at}/{key}"),
+                                    format!("no stage `{anchor}` in tier `{name}` to place this stage {key}"),
+                                );
                                 ok = false;
                                 continue;
                             }
@@ -295,7 +360,10 @@ impl Loader<'_> {
                     obj.remove("before");
                     obj.remove("after");
                 }
-                entries.insert(index, Entry { value, origin: Origin { base: None, patch: None, added: Some(add_at) } });
+                entries.insert(
+                    index,
+                    Entry { value, origin: Origin { base: None, patch: None, added: Some(add_at) }, refused: false },
+                );
             }
         }
         ok.then_some(entries)
@@ -303,24 +371,35 @@ impl Loader<'_> {
 
     /// Typed configs, stage checks and pipeline rules for one pipeline. `revalidate` checks the
     /// entries a tier changed or added against the schema (base entries were checked with the file).
-    fn resolve(&self, out: &mut Collector, tier: Option<&str>, entries: &[Entry], revalidate: bool) -> Option<PipelineSpec> {
+    fn resolve(
+        &self,
+        out: &mut Collector,
+        tier: Option<&str>,
+        entries: &[Entry],
+        revalidate: bool,
+    ) -> Option<PipelineSpec> {
         let errors_before = out.items.iter().filter(|d| d.severity == Severity::Error).count();
         let mut stages = Vec::with_capacity(entries.len());
         let mut entry_ok = true;
         for entry in entries {
+            if entry.refused {
+                entry_ok = false;
+                continue;
+            }
             let touched = entry.origin.patch.is_some() || entry.origin.added.is_some();
-            if revalidate && touched {
-                if let Ok(v) = stage_validator() {
-                    let mut bad = false;
-                    for error in v.iter_errors(&entry.value) {
-                        let (rel, message) = describe(&error);
-                        self.report(out, Severity::Error, &entry.origin.locate(&rel), message);
-                        bad = true;
-                    }
-                    if bad {
-                        entry_ok = false;
-                        continue;
-                    }
+            if revalidate
+                && touched
+                && let Ok(v) = stage_validator()
+            {
+                let mut bad = false;
+                for error in v.iter_errors(&entry.value) {
+                    let (rel, message) = describe(&error);
+                    self.report(out, Severity::Error, &entry.origin.locate(&rel), message);
+                    bad = true;
+                }
+                if bad {
+                    entry_ok = false;
+                    continue;
                 }
             }
             match self.stage_spec(out, entry) {
@@ -355,8 +434,11 @@ impl Loader<'_> {
             },
             None => kind.default_timeout,
         };
-        let params: Map<String, Value> =
-            obj.iter().filter(|(k, _)| !COMMON_KEYS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let params: Map<String, Value> = obj
+            .iter()
+            .filter(|(k, _)| !COMMON_KEYS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let config = match kind.parse(Value::Object(params.clone())) {
             Ok(c) => c,
             Err(e) => {
@@ -365,7 +447,8 @@ impl Loader<'_> {
             }
         };
         for problem in config.check() {
-            let rel = if problem.key.is_empty() { String::new() } else { format!("/{}", problem.key.replace('.', "/")) };
+            let rel =
+                if problem.key.is_empty() { String::new() } else { format!("/{}", problem.key.replace('.', "/")) };
             let severity = if problem.warning { Severity::Warning } else { Severity::Error };
             self.report(out, severity, &entry.origin.locate(&rel), problem.message);
         }
@@ -394,21 +477,44 @@ impl Loader<'_> {
             let origin = &entries[i].origin;
             if stages[..i].iter().any(|s| s.id == spec.id) {
                 let at = origin.locate(if entries[i].value.get("id").is_some() { "/id" } else { "/kind" });
-                self.report(out, Severity::Error, &at, format!("duplicate stage id `{}` in {whose}; give one of them another `id`", spec.id));
+                self.report(
+                    out,
+                    Severity::Error,
+                    &at,
+                    format!("duplicate stage id `{}` in {whose}; give one of them another `id`", spec.id),
+                );
             }
             let last = i + 1 == stages.len();
             if spec.kind.kind == SEND_KIND && !last {
-                self.report(out, Severity::Error, &origin.locate("/kind"), format!("`send` must be the last stage of {whose}, but stage `{}` follows it", stages[i + 1].id));
+                self.report(
+                    out,
+                    Severity::Error,
+                    &origin.locate("/kind"),
+                    format!("`send` must be the last stage of {whose}, but stage `{}` follows it", stages[i + 1].id),
+                );
             }
             if spec.on_error == OnError::Open && spec.kind.default_on_error == OnError::Closed {
-                self.report(out, Severity::Warning, &origin.locate("/on_error"), format!("stage `{}` ({}) fails open: {}", spec.id, spec.kind.kind, open_risk(spec.kind.kind)));
+                self.report(
+                    out,
+                    Severity::Warning,
+                    &origin.locate("/on_error"),
+                    format!("stage `{}` ({}) fails open: {}", spec.id, spec.kind.kind, open_risk(spec.kind.kind)),
+                );
             }
         }
-        if let Some(last) = stages.last() {
-            if last.kind.kind != SEND_KIND {
-                let origin = &entries[stages.len() - 1].origin;
-                self.report(out, Severity::Error, &origin.locate("/kind"), format!("the last stage of {whose} must be `send`, not `{}`: nothing would answer the user", last.kind.kind));
-            }
+        if let Some(last) = stages.last()
+            && last.kind.kind != SEND_KIND
+        {
+            let origin = &entries[stages.len() - 1].origin;
+            self.report(
+                out,
+                Severity::Error,
+                &origin.locate("/kind"),
+                format!(
+                    "the last stage of {whose} must be `send`, not `{}`: nothing would answer the user",
+                    last.kind.kind
+                ),
+            );
         }
     }
 }
@@ -473,7 +579,11 @@ fn dotted(doc: &Value, pointer: &str) -> String {
                     out.push('.');
                 }
                 let bare = !seg.is_empty() && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-                if bare { out.push_str(&seg) } else { out.push_str(&format!("{seg:?}")) }
+                if bare {
+                    out.push_str(&seg)
+                } else {
+                    out.push_str(&format!("{seg:?}"))
+                }
                 current = other.and_then(|v| v.get(&seg));
             }
         }
@@ -501,11 +611,17 @@ fn describe(error: &jsonschema::ValidationError<'_>) -> (String, String) {
             (format!("{pointer}/{}", escape(&key)), format!("{noun} {names}{hint}"))
         }
         K::Enum { options } if pointer.ends_with("/kind") => {
-            let known = options.as_array().map(|o| o.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+            let known = options
+                .as_array()
+                .map(|o| o.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
             (pointer, format!("unknown stage kind {instance}; known kinds: {known}"))
         }
         K::Required { property } => (pointer, format!("missing required key {property}")),
         K::Type { .. } => (pointer, format!("wrong type: {error}")),
+        K::Pattern { pattern } if pattern == crate::duration::DURATION_PATTERN => {
+            (pointer, format!("{instance} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\" or \"24h\""))
+        }
         _ => (pointer, error.to_string()),
     }
 }
@@ -539,11 +655,21 @@ pub fn load_stage(text: &str, file: &str) -> Result<StageSpec, LoadError> {
                     valid = false;
                 }
             }
-            let entry = Entry { value: doc.value.clone(), origin: Origin { base: Some(String::new()), patch: None, added: None } };
+            let entry = Entry {
+                value: doc.value.clone(),
+                origin: Origin { base: Some(String::new()), patch: None, added: None },
+                refused: !valid,
+            };
             if valid { loader.stage_spec(&mut out, &entry) } else { None }
         }
         Err(e) => {
-            out.push(Severity::Error, file, String::new(), e.position.map(|p| p.line), format!("invalid TOML: {}", e.message));
+            out.push(
+                Severity::Error,
+                file,
+                String::new(),
+                e.position.map(|p| p.line),
+                format!("invalid TOML: {}", e.message),
+            );
             None
         }
     };

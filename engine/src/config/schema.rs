@@ -33,8 +33,8 @@ fn generate() -> Value {
     let mut dispatch = Vec::new();
 
     let on_error = serde_json::to_value(generator.subschema_for::<OnError>()).unwrap_or(Value::Null);
-    let duration = serde_json::to_value(generator.subschema_for::<crate::duration::ConfigDuration>())
-        .unwrap_or(Value::Null);
+    let duration =
+        serde_json::to_value(generator.subschema_for::<crate::duration::ConfigDuration>()).unwrap_or(Value::Null);
 
     for (name, kind) in &kinds {
         let mut schema = serde_json::to_value(kind.params_schema(&mut generator)).unwrap_or(Value::Null);
@@ -70,8 +70,11 @@ fn generate() -> Value {
             if let Some(t) = timeout.as_object_mut() {
                 t.insert(
                     "description".into(),
-                    format!("How long the stage may run before it counts as failed. Default: \"{}\".", kind.default_timeout)
-                        .into(),
+                    format!(
+                        "How long the stage may run before it counts as failed. Default: \"{}\".",
+                        kind.default_timeout
+                    )
+                    .into(),
                 );
             }
             props.insert("timeout".into(), timeout);

@@ -35,9 +35,8 @@ impl SourceDoc {
             position: e.span().map(|span| position_of(text, span.start)),
         })?;
         let mut positions = HashMap::new();
-        let value = table_to_json(table.get_ref(), "", text, &mut positions).map_err(|(pointer, message)| {
-            SyntaxError { position: positions.get(&pointer).copied(), message }
-        })?;
+        let value = table_to_json(table.get_ref(), "", text, &mut positions)
+            .map_err(|(pointer, message)| SyntaxError { position: positions.get(&pointer).copied(), message })?;
         Ok(Self { value, positions })
     }
 

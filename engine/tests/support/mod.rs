@@ -59,7 +59,8 @@ impl Stage for Probe {
             Some("drop") => Decision::Drop(format!("dropped by {}", self.config.label)),
             _ => {
                 if msg.reply.is_none() {
-                    msg.reply = Some(Reply { text: format!("answer via {}", self.config.label), source: ReplySource::Llm });
+                    msg.reply =
+                        Some(Reply { text: format!("answer via {}", self.config.label), source: ReplySource::Llm });
                 }
                 Decision::Continue
             }
