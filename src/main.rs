@@ -3,6 +3,8 @@
 
 mod commands;
 
+use parley as _;
+
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};

@@ -1,0 +1,6 @@
+//! The Parley service: settings, HTTP (webhook, admin, health, metrics), the queue and workers,
+//! the PostgreSQL store, the Redis key-value adapter and the providers (WhatsApp, LLM, embeddings)
+//! behind the engine's ports. `main.rs` is the command line over it.
+
+pub mod queue;
+pub mod settings;

@@ -1,0 +1,456 @@
+//! Settings from the environment, validated once at start-up: every missing or invalid variable is
+//! reported at once, by name, with what is expected — never with a secret's value.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+/// Where Parley runs. Production refuses the embedded stand-ins (sandbox sender, local LLM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppEnv {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhatsAppProvider {
+    /// Records replies in the database and prints them: for development and tests.
+    Sandbox,
+    /// Meta's WhatsApp Cloud API.
+    Meta,
+    /// The BSP 360dialog.
+    Dialog360,
+}
+
+impl WhatsAppProvider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sandbox => "sandbox",
+            Self::Meta => "meta",
+            Self::Dialog360 => "360dialog",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlmProvider {
+    /// Answers from the retrieved knowledge, deterministically, without a model.
+    Local,
+    /// Any OpenAI-compatible `/chat/completions` server.
+    OpenAi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingProvider {
+    /// Feature-hashing embeddings (768 dimensions), no model needed.
+    Hash,
+}
+
+/// The level of the logs: the checklist's names (`fatal` is logged as `error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Fatal,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// Every setting Parley reads from the environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub app_env: AppEnv,
+    pub host: IpAddr,
+    pub port: u16,
+    pub database_url: SecretString,
+    pub redis_url: SecretString,
+    pub pipeline_file: PathBuf,
+    pub migrate_on_start: bool,
+
+    pub whatsapp_provider: WhatsAppProvider,
+    pub whatsapp_api_url: Url,
+    pub whatsapp_api_key: Option<SecretString>,
+    pub whatsapp_verify_token: SecretString,
+    pub whatsapp_app_secret: Option<SecretString>,
+    /// 360dialog webhooks carry this shared token in a header instead of a signature.
+    pub whatsapp_webhook_token: Option<SecretString>,
+    pub whatsapp_webhook_token_header: String,
+
+    pub llm_provider: LlmProvider,
+    pub llm_base_url: Option<Url>,
+    pub llm_api_key: Option<SecretString>,
+    pub llm_model: Option<String>,
+    pub embedding_provider: EmbeddingProvider,
+
+    pub jwt_secret: SecretString,
+    pub jwt_expires_in: Duration,
+
+    pub log_level: LogLevel,
+    pub log_pretty: bool,
+    pub enable_swagger: bool,
+    pub enable_cors: bool,
+    pub enable_helmet: bool,
+    /// Per-IP limit on the admin API (never on the webhook).
+    pub rate_limit_max: u32,
+    pub rate_limit_window: Duration,
+
+    /// Jobs in flight per worker process.
+    pub worker_concurrency: usize,
+    /// Number of queue shards (streams). Changing it on a running system moves conversations
+    /// between shards; drain the queue first.
+    pub queue_shards: u32,
+    pub job_max_attempts: u32,
+    pub job_backoff_base: Duration,
+    pub job_backoff_max: Duration,
+}
+
+/// Every problem found in the environment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct SettingsError {
+    pub problems: Vec<String>,
+}
+
+const DEV_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/parley";
+const DEV_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Development stand-ins, refused in production: they are public.
+pub const DEV_JWT_SECRET: &str = "parley-development-jwt-secret-not-for-production";
+pub const DEV_APP_SECRET: &str = "parley-development-app-secret";
+pub const DEV_VERIFY_TOKEN: &str = "parley-development-verify-token";
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, SettingsError> {
+        Self::from_vars(std::env::vars().collect())
+    }
+
+    /// Reads the given variables (for tests).
+    pub fn from_vars(vars: BTreeMap<String, String>) -> Result<Self, SettingsError> {
+        let mut r = Reader { vars, problems: Vec::new() };
+        let app_env = r.choice("APP_ENV", "development", &[("development", AppEnv::Development), ("production", AppEnv::Production)]);
+        let dev = app_env == AppEnv::Development;
+
+        let host = r.parse::<IpAddr>("HOST", Some("0.0.0.0"), "an IP address such as 0.0.0.0");
+        let port = r.parse::<u16>("PORT", Some("3000"), "a port number (1-65535)");
+        let database_url = r.secret_url("DATABASE_URL", dev.then_some(DEV_DATABASE_URL), &["postgres", "postgresql"]);
+        let redis_url = r.secret_url("REDIS_URL", dev.then_some(DEV_REDIS_URL), &["redis", "rediss"]);
+        let pipeline_file = PathBuf::from(r.get("PIPELINE_FILE").unwrap_or_else(|| "pipelines/whatsapp.toml".into()));
+        let migrate_on_start = r.flag("MIGRATE_ON_START", true);
+
+        let whatsapp_provider = r.choice(
+            "WHATSAPP_PROVIDER",
+            "sandbox",
+            &[("sandbox", WhatsAppProvider::Sandbox), ("meta", WhatsAppProvider::Meta), ("360dialog", WhatsAppProvider::Dialog360)],
+        );
+        let default_api_url = match whatsapp_provider {
+            WhatsAppProvider::Dialog360 => "https://waba-v2.360dialog.io",
+            _ => "https://graph.facebook.com/v21.0",
+        };
+        let whatsapp_api_url = r.url("WHATSAPP_API_URL", Some(default_api_url));
+        let real_provider = whatsapp_provider != WhatsAppProvider::Sandbox;
+        let whatsapp_api_key = r.secret("WHATSAPP_API_KEY", real_provider, None);
+        let whatsapp_verify_token = r
+            .secret("WHATSAPP_VERIFY_TOKEN", !dev, Some(DEV_VERIFY_TOKEN))
+            .unwrap_or_else(|| SecretString::from(DEV_VERIFY_TOKEN));
+        let whatsapp_app_secret =
+            r.secret("WHATSAPP_APP_SECRET", whatsapp_provider == WhatsAppProvider::Meta, dev.then_some(DEV_APP_SECRET));
+        let whatsapp_webhook_token =
+            r.secret("WHATSAPP_WEBHOOK_TOKEN", whatsapp_provider == WhatsAppProvider::Dialog360, None);
+        let whatsapp_webhook_token_header =
+            r.get("WHATSAPP_WEBHOOK_TOKEN_HEADER").unwrap_or_else(|| "X-Webhook-Token".into());
+
+        let llm_provider = r.choice("LLM_PROVIDER", "local", &[("local", LlmProvider::Local), ("openai", LlmProvider::OpenAi)]);
+        let llm_needs_server = llm_provider == LlmProvider::OpenAi;
+        let llm_base_url = if llm_needs_server || r.get("LLM_BASE_URL").is_some() {
+            Some(r.url("LLM_BASE_URL", None))
+        } else {
+            None
+        };
+        let llm_api_key = r.secret("LLM_API_KEY", false, None);
+        let llm_model = r.get("LLM_MODEL");
+        if llm_needs_server && llm_model.is_none() {
+            r.problem("LLM_MODEL: required with LLM_PROVIDER=openai (the model name the server expects)");
+        }
+        let embedding_provider = r.choice("EMBEDDING_PROVIDER", "hash", &[("hash", EmbeddingProvider::Hash)]);
+
+        let jwt_secret = r.secret("JWT_SECRET", !dev, Some(DEV_JWT_SECRET)).unwrap_or_else(|| SecretString::from(DEV_JWT_SECRET));
+        if jwt_secret.expose_secret().chars().count() < 32 {
+            r.problem("JWT_SECRET: must be at least 32 characters long");
+        }
+        let jwt_expires_in = r.duration("JWT_EXPIRES_IN", "7d");
+
+        let log_level = r.choice(
+            "LOG_LEVEL",
+            "info",
+            &[
+                ("fatal", LogLevel::Fatal),
+                ("error", LogLevel::Error),
+                ("warn", LogLevel::Warn),
+                ("info", LogLevel::Info),
+                ("debug", LogLevel::Debug),
+                ("trace", LogLevel::Trace),
+            ],
+        );
+        let log_pretty = r.flag("LOG_PRETTY", false);
+        let enable_swagger = r.flag("ENABLE_SWAGGER", false);
+        let enable_cors = r.flag("ENABLE_CORS", true);
+        let enable_helmet = r.flag("ENABLE_HELMET", true);
+        let rate_limit_max = r.parse::<u32>("RATE_LIMIT_MAX", Some("100"), "a whole number of requests");
+        let rate_limit_window = r.duration("RATE_LIMIT_WINDOW", "1m");
+
+        let worker_concurrency = r.parse::<usize>("WORKER_CONCURRENCY", Some("64"), "a whole number of jobs (at least 1)");
+        if worker_concurrency == Some(0) {
+            r.problem("WORKER_CONCURRENCY: must be at least 1");
+        }
+        let queue_shards = r.parse::<u32>("QUEUE_SHARDS", Some("16"), "a whole number of shards (1-1024)");
+        if queue_shards.is_some_and(|n| n == 0 || n > 1024) {
+            r.problem("QUEUE_SHARDS: must be between 1 and 1024");
+        }
+        let job_max_attempts = r.parse::<u32>("JOB_MAX_ATTEMPTS", Some("8"), "a whole number of attempts (at least 1)");
+        if job_max_attempts == Some(0) {
+            r.problem("JOB_MAX_ATTEMPTS: must be at least 1");
+        }
+        let job_backoff_base = r.duration("JOB_BACKOFF_BASE", "1s");
+        let job_backoff_max = r.duration("JOB_BACKOFF_MAX", "5m");
+
+        if app_env == AppEnv::Production {
+            if whatsapp_provider == WhatsAppProvider::Sandbox {
+                r.problem("WHATSAPP_PROVIDER: `sandbox` is refused with APP_ENV=production; choose meta or 360dialog");
+            }
+            if llm_provider == LlmProvider::Local {
+                r.problem("LLM_PROVIDER: `local` is refused with APP_ENV=production; choose openai");
+            }
+            if jwt_secret.expose_secret() == DEV_JWT_SECRET {
+                r.problem("JWT_SECRET: the development secret is refused with APP_ENV=production");
+            }
+        }
+
+        if !r.problems.is_empty() {
+            return Err(SettingsError { problems: r.problems });
+        }
+        // Every value below was checked above; `None` can only mean a problem was recorded.
+        let missing = || SettingsError { problems: vec!["internal: a checked setting is missing".into()] };
+        Ok(Self {
+            app_env,
+            host: host.ok_or_else(missing)?,
+            port: port.ok_or_else(missing)?,
+            database_url: database_url.ok_or_else(missing)?,
+            redis_url: redis_url.ok_or_else(missing)?,
+            pipeline_file,
+            migrate_on_start,
+            whatsapp_provider,
+            whatsapp_api_url: whatsapp_api_url.ok_or_else(missing)?,
+            whatsapp_api_key,
+            whatsapp_verify_token,
+            whatsapp_app_secret,
+            whatsapp_webhook_token,
+            whatsapp_webhook_token_header,
+            llm_provider,
+            llm_base_url: llm_base_url.flatten(),
+            llm_api_key,
+            llm_model,
+            embedding_provider,
+            jwt_secret,
+            jwt_expires_in: jwt_expires_in.ok_or_else(missing)?,
+            log_level,
+            log_pretty,
+            enable_swagger,
+            enable_cors,
+            enable_helmet,
+            rate_limit_max: rate_limit_max.ok_or_else(missing)?,
+            rate_limit_window: rate_limit_window.ok_or_else(missing)?,
+            worker_concurrency: worker_concurrency.ok_or_else(missing)?,
+            queue_shards: queue_shards.ok_or_else(missing)?,
+            job_max_attempts: job_max_attempts.ok_or_else(missing)?,
+            job_backoff_base: job_backoff_base.ok_or_else(missing)?,
+            job_backoff_max: job_backoff_max.ok_or_else(missing)?,
+        })
+    }
+
+    /// The key of the sender pseudonyms in Redis keys, derived from JWT_SECRET so that no other
+    /// secret has to be managed; rotating it only restarts the rate-limit windows.
+    pub fn pseudonym_key(&self) -> Vec<u8> {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.jwt_secret.expose_secret().as_bytes())
+            .expect("HMAC accepts keys of any length");
+        mac.update(b"parley sender pseudonym");
+        mac.finalize().into_bytes().to_vec()
+    }
+}
+
+struct Reader {
+    vars: BTreeMap<String, String>,
+    problems: Vec<String>,
+}
+
+impl Reader {
+    fn get(&self, name: &str) -> Option<String> {
+        self.vars.get(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    }
+
+    fn problem(&mut self, text: impl Into<String>) {
+        self.problems.push(text.into());
+    }
+
+    fn choice<T: Copy>(&mut self, name: &str, default: &str, options: &[(&str, T)]) -> T {
+        let raw = self.get(name).unwrap_or_else(|| default.to_owned()).to_lowercase();
+        match options.iter().find(|(k, _)| *k == raw) {
+            Some((_, v)) => *v,
+            None => {
+                let names: Vec<&str> = options.iter().map(|(k, _)| *k).collect();
+                self.problem(format!("{name}: expected one of {}, got `{raw}`", names.join(", ")));
+                options.iter().find(|(k, _)| *k == default).map(|(_, v)| *v).unwrap_or(options[0].1)
+            }
+        }
+    }
+
+    fn parse<T: FromStr>(&mut self, name: &str, default: Option<&str>, expected: &str) -> Option<T> {
+        let raw = self.get(name).or_else(|| default.map(str::to_owned));
+        match raw {
+            None => {
+                self.problem(format!("{name}: required; expected {expected}"));
+                None
+            }
+            Some(raw) => match raw.parse::<T>() {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    self.problem(format!("{name}: expected {expected}, got `{raw}`"));
+                    None
+                }
+            },
+        }
+    }
+
+    fn flag(&mut self, name: &str, default: bool) -> bool {
+        match self.get(name).map(|v| v.to_lowercase()) {
+            None => default,
+            Some(v) if ["true", "1", "yes", "on"].contains(&v.as_str()) => true,
+            Some(v) if ["false", "0", "no", "off"].contains(&v.as_str()) => false,
+            Some(v) => {
+                self.problem(format!("{name}: expected true or false, got `{v}`"));
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, name: &str, default: &str) -> Option<Duration> {
+        let raw = self.get(name).unwrap_or_else(|| default.to_owned());
+        match humantime::parse_duration(&raw) {
+            Ok(d) if !d.is_zero() => Some(d),
+            _ => {
+                self.problem(format!("{name}: expected a duration such as 30s, 1m or 7d, got `{raw}`"));
+                None
+            }
+        }
+    }
+
+    fn url(&mut self, name: &str, default: Option<&str>) -> Option<Url> {
+        let raw = self.get(name).or_else(|| default.map(str::to_owned));
+        match raw {
+            None => {
+                self.problem(format!("{name}: required; expected an http(s) URL"));
+                None
+            }
+            Some(raw) => match Url::parse(&raw) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
+                _ => {
+                    self.problem(format!("{name}: expected an http(s) URL, got `{raw}`"));
+                    None
+                }
+            },
+        }
+    }
+
+    /// A URL that may hold a password: never echoed.
+    fn secret_url(&mut self, name: &str, default: Option<&str>, schemes: &[&str]) -> Option<SecretString> {
+        let raw = self.get(name).or_else(|| default.map(str::to_owned));
+        match raw {
+            None => {
+                self.problem(format!("{name}: required; expected a {}:// URL", schemes[0]));
+                None
+            }
+            Some(raw) => match Url::parse(&raw) {
+                Ok(u) if schemes.contains(&u.scheme()) => Some(SecretString::from(raw)),
+                _ => {
+                    self.problem(format!("{name}: expected a {}:// URL (value not shown)", schemes[0]));
+                    None
+                }
+            },
+        }
+    }
+
+    fn secret(&mut self, name: &str, required: bool, default: Option<&str>) -> Option<SecretString> {
+        match self.get(name).or_else(|| default.map(str::to_owned)) {
+            Some(v) => Some(SecretString::from(v)),
+            None if required => {
+                self.problem(format!("{name}: required and not set"));
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn development_runs_with_no_variable_at_all() {
+        let s = Settings::from_vars(BTreeMap::new()).unwrap();
+        assert_eq!(s.port, 3000);
+        assert_eq!(s.whatsapp_provider, WhatsAppProvider::Sandbox);
+        assert_eq!(s.llm_provider, LlmProvider::Local);
+        assert_eq!(s.worker_concurrency, 64);
+        assert_eq!(s.database_url.expose_secret(), DEV_DATABASE_URL);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_without_secret_values() {
+        let err = Settings::from_vars(vars(&[
+            ("APP_ENV", "production"),
+            ("PORT", "http"),
+            ("DATABASE_URL", "mysql://user:hunter2@db/parley"),
+            ("JWT_SECRET", "short-but-secret"),
+            ("WHATSAPP_PROVIDER", "meta"),
+        ]))
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "PORT: expected a port number",
+            "DATABASE_URL: expected a postgres:// URL (value not shown)",
+            "REDIS_URL: required",
+            "JWT_SECRET: must be at least 32 characters",
+            "WHATSAPP_API_KEY: required",
+            "WHATSAPP_APP_SECRET: required",
+            "WHATSAPP_VERIFY_TOKEN: required",
+            "LLM_PROVIDER: `local` is refused with APP_ENV=production",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+        assert!(!text.contains("hunter2") && !text.contains("short-but-secret"), "{text}");
+    }
+
+    #[test]
+    fn production_refuses_the_sandbox_sender() {
+        let err = Settings::from_vars(vars(&[
+            ("APP_ENV", "production"),
+            ("DATABASE_URL", "postgres://db/parley"),
+            ("REDIS_URL", "redis://cache"),
+            ("JWT_SECRET", "0123456789abcdef0123456789abcdef-prod"),
+            ("WHATSAPP_VERIFY_TOKEN", "v"),
+            ("LLM_PROVIDER", "openai"),
+            ("LLM_BASE_URL", "http://127.0.0.1:9/v1"),
+            ("LLM_MODEL", "m"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(err.problems[0].starts_with("WHATSAPP_PROVIDER: `sandbox` is refused"));
+    }
+}
