@@ -1,0 +1,8 @@
+//! The LLMs behind the engine's `Llm` port: any OpenAI-compatible chat server, and the `local`
+//! stand-in that answers from the retrieved knowledge without a model.
+
+pub mod local;
+pub mod openai;
+
+pub use local::LocalLlm;
+pub use openai::OpenAiLlm;

@@ -1,0 +1,270 @@
+//! The WhatsApp Cloud API wire format, shared by every provider that speaks it (Meta directly,
+//! 360dialog as a proxy of it): the text message body, the answer with the sent message's id, and
+//! the error body with its codes classified retryable or permanent.
+
+use engine::{
+    ids::ProviderMessageId,
+    masking::mask_phones_in,
+    ports::{OutboundText, PortError, PortErrorKind},
+};
+use reqwest::header::{HeaderName, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use url::Url;
+
+use crate::providers::http_client::{transport_error, truncate};
+
+/// Meta codes worth retrying: throttling, and the platform's own transient failures.
+const RETRYABLE_CODES: &[i64] = &[
+    1,      // API unknown (transient)
+    2,      // API service temporarily unavailable
+    4,      // application request limit reached: throttling, clears by itself
+    80007,  // WhatsApp Business Account rate limit: throttling, clears by itself
+    130429, // throughput limit of the business number
+    131000, // something went wrong
+    131016, // service unavailable
+    131056, // too many messages to the same user in a short time
+    131057, // business account in maintenance mode
+    133004, // server temporarily unavailable
+];
+
+/// Meta codes that the same request will meet again: the recipient, the content or the
+/// credentials are at fault.
+const PERMANENT_CODES: &[i64] = &[
+    0,      // authentication exception
+    10,     // permission denied
+    100,    // invalid parameter
+    131008, // required parameter missing
+    131009, // parameter value invalid
+    131026, // message undeliverable (not on WhatsApp, old app, terms not accepted)
+    131047, // more than 24 hours since the user's last message: a template is needed
+    131048, // spam rate limit: Meta restricts this number's sending
+    131049, // not delivered to keep the ecosystem healthy
+    131051, // unsupported message type
+    190,    // access token expired or invalid
+];
+
+/// How a provider's error is to be treated, from Meta's code when it gave one, else from the
+/// HTTP status.
+pub(crate) fn classify(status: u16, meta_code: Option<i64>) -> PortErrorKind {
+    if let Some(code) = meta_code {
+        if RETRYABLE_CODES.contains(&code) {
+            return PortErrorKind::Unavailable;
+        }
+        // 200-299: the permission family (e.g. 200 "permission error", 294 "managing apps").
+        if PERMANENT_CODES.contains(&code) || (200..=299).contains(&code) {
+            return PortErrorKind::Permanent;
+        }
+    }
+    match status {
+        // Throttled, timed out at a proxy, or the provider failed: the same request may pass later.
+        408 | 429 | 500..=599 => PortErrorKind::Unavailable,
+        // 401/403 (credentials) and every other refusal; 3xx means a misconfigured base URL
+        // (redirects are not followed, so the token never leaves for another host).
+        _ => PortErrorKind::Permanent,
+    }
+}
+
+/// The body of a text message; `context` quotes the user's message when replying to it.
+pub(crate) fn text_body(message: &OutboundText) -> Value {
+    // Meta wants the number as digits, without `+` or spaces.
+    let to: String = message.to.expose().chars().filter(char::is_ascii_digit).collect();
+    let mut body = json!({
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to,
+        "type": "text",
+        "text": { "preview_url": false, "body": message.text },
+    });
+    if let Some(reply_to) = &message.reply_to {
+        body["context"] = json!({ "message_id": reply_to.as_str() });
+    }
+    body
+}
+
+#[derive(Debug, Deserialize)]
+struct SentBody {
+    #[serde(default)]
+    messages: Vec<SentMessage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SentMessage {
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorEnvelope {
+    error: CloudApiError,
+}
+
+/// Meta's error object: `{"error":{"message","type","code","error_subcode","error_data":{"details"},"fbtrace_id"}}`.
+#[derive(Debug, Deserialize)]
+struct CloudApiError {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    code: Option<i64>,
+    #[serde(default)]
+    error_subcode: Option<i64>,
+    #[serde(default)]
+    error_data: Option<ErrorData>,
+    #[serde(default)]
+    fbtrace_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorData {
+    #[serde(default)]
+    details: Option<String>,
+}
+
+/// The longest provider text kept in an error message.
+const MAX_PROVIDER_TEXT: usize = 400;
+
+/// Sends one text message to a Cloud API `messages` endpoint, authenticated by `auth_header`
+/// (whose value holds `secret`), and maps the answer to the sent message's id or a classified
+/// error. `service` names the provider in errors (`meta`, `360dialog`).
+pub(crate) async fn send_text(
+    client: &reqwest::Client,
+    service: &'static str,
+    url: Url,
+    auth_header: (HeaderName, String),
+    secret: &SecretString,
+    message: &OutboundText,
+) -> Result<ProviderMessageId, PortError> {
+    let (name, value) = auth_header;
+    let mut value = HeaderValue::from_str(&value)
+        .map_err(|_| PortError::permanent(service, None, "the API key is not a valid HTTP header value"))?;
+    // Keeps the key out of any debug print of the request.
+    value.set_sensitive(true);
+
+    let response = client
+        .post(url)
+        .header(name, value)
+        .json(&text_body(message))
+        .send()
+        .await
+        .map_err(|e| transport_error(service, e))?;
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.map_err(|e| transport_error(service, e))?;
+
+    if (200..300).contains(&status) {
+        return match serde_json::from_slice::<SentBody>(&bytes) {
+            Ok(SentBody { messages }) if messages.first().is_some_and(|m| !m.id.is_empty()) => {
+                Ok(ProviderMessageId::new(messages[0].id.clone()))
+            }
+            // The provider accepted the message, so it is probably on its way: a retry could
+            // deliver it twice. Permanent, so that the row is closed and an operator looks.
+            _ => Err(PortError::permanent(
+                service,
+                Some("invalid_response".into()),
+                format!(
+                    "HTTP {status}: the provider accepted the message but its answer has no message id; \
+                     not retried, to avoid a duplicate"
+                ),
+            )),
+        };
+    }
+    Err(error_from_body(service, status, &bytes, secret))
+}
+
+/// Builds the classified error for a non-2xx answer. The message never holds the API key or an
+/// unmasked phone number, whatever the provider wrote.
+fn error_from_body(service: &'static str, status: u16, body: &[u8], secret: &SecretString) -> PortError {
+    let parsed = serde_json::from_slice::<ErrorEnvelope>(body).ok().map(|e| e.error);
+    let meta_code = parsed.as_ref().and_then(|e| e.code);
+    let text = match &parsed {
+        Some(error) => describe(error),
+        None => truncate(&String::from_utf8_lossy(body), 200),
+    };
+    let message = if text.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {text}") };
+    let message = truncate(&mask_phones_in(&redact(&message, secret)), MAX_PROVIDER_TEXT);
+    let code = Some(meta_code.map_or_else(|| format!("http_{status}"), |c| c.to_string()));
+    PortError { service, kind: classify(status, meta_code), code, message }
+}
+
+fn describe(error: &CloudApiError) -> String {
+    let mut out = error.message.clone().unwrap_or_default();
+    if let Some(details) = error.error_data.as_ref().and_then(|d| d.details.as_deref()) {
+        out.push_str(" — ");
+        out.push_str(details);
+    }
+    if let Some(kind) = &error.kind {
+        out.push_str(&format!(" [{kind}]"));
+    }
+    if let Some(subcode) = error.error_subcode {
+        out.push_str(&format!(" subcode {subcode}"));
+    }
+    // Meta's support asks for it to trace a failed call.
+    if let Some(trace) = &error.fbtrace_id {
+        out.push_str(&format!(" fbtrace_id {trace}"));
+    }
+    out.trim().to_owned()
+}
+
+/// Removes the secret from provider text, in case a proxy echoes the request's headers.
+fn redact(text: &str, secret: &SecretString) -> String {
+    let secret = secret.expose_secret();
+    if secret.is_empty() { text.to_owned() } else { text.replace(secret, "[redacted]") }
+}
+
+#[cfg(test)]
+mod tests {
+    use engine::{
+        ids::{ChannelId, PhoneNumber},
+        message::ChannelInfo,
+    };
+
+    use super::*;
+
+    #[test]
+    fn meta_codes_decide_before_the_http_status() {
+        assert_eq!(classify(400, Some(131000)), PortErrorKind::Unavailable);
+        assert_eq!(classify(400, Some(130429)), PortErrorKind::Unavailable);
+        assert_eq!(classify(400, Some(131026)), PortErrorKind::Permanent);
+        assert_eq!(classify(500, Some(131047)), PortErrorKind::Permanent);
+        assert_eq!(classify(403, Some(200)), PortErrorKind::Permanent);
+        assert_eq!(classify(401, Some(190)), PortErrorKind::Permanent);
+    }
+
+    #[test]
+    fn unknown_codes_fall_back_to_the_http_status() {
+        assert_eq!(classify(503, None), PortErrorKind::Unavailable);
+        assert_eq!(classify(429, Some(999_999)), PortErrorKind::Unavailable);
+        assert_eq!(classify(400, Some(999_999)), PortErrorKind::Permanent);
+        assert_eq!(classify(401, None), PortErrorKind::Permanent);
+        assert_eq!(classify(302, None), PortErrorKind::Permanent);
+    }
+
+    #[test]
+    fn text_body_sends_digits_and_quotes_only_when_replying() {
+        let mut message = OutboundText {
+            channel: ChannelInfo { id: ChannelId::new("c"), provider: "meta".into(), phone_number_id: "1".into() },
+            to: PhoneNumber::new("+33612345678"),
+            text: "Bonjour".into(),
+            reply_to: None,
+        };
+        let body = text_body(&message);
+        assert_eq!(body["to"], "33612345678");
+        assert!(body.get("context").is_none());
+
+        message.reply_to = Some(ProviderMessageId::new("wamid.X"));
+        assert_eq!(text_body(&message)["context"]["message_id"], "wamid.X");
+    }
+
+    #[test]
+    fn error_text_without_json_is_kept_short_and_masked() {
+        let secret = SecretString::from("secret-key");
+        let body = format!("<html>bad gateway for 33612345678 with secret-key{}</html>", "x".repeat(500));
+        let error = error_from_body("meta", 502, body.as_bytes(), &secret);
+
+        assert!(error.is_retryable());
+        assert_eq!(error.code.as_deref(), Some("http_502"));
+        assert!(error.message.chars().count() <= MAX_PROVIDER_TEXT + 1, "{}", error.message);
+        assert!(!error.message.contains("33612345678") && !error.message.contains("secret-key"), "{}", error.message);
+    }
+}
