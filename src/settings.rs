@@ -101,6 +101,8 @@ pub struct Settings {
     /// Number of queue shards (streams). Changing it on a running system moves conversations
     /// between shards; drain the queue first.
     pub queue_shards: u32,
+    /// Prefix of the queue's Redis keys, so that deployments can share a Redis.
+    pub queue_prefix: String,
     pub job_max_attempts: u32,
     pub job_backoff_base: Duration,
     pub job_backoff_max: Duration,
@@ -129,20 +131,29 @@ impl Settings {
     /// Reads the given variables (for tests).
     pub fn from_vars(vars: BTreeMap<String, String>) -> Result<Self, SettingsError> {
         let mut r = Reader { vars, problems: Vec::new() };
-        let app_env = r.choice("APP_ENV", "development", &[("development", AppEnv::Development), ("production", AppEnv::Production)]);
+        let app_env = r.choice(
+            "APP_ENV",
+            "development",
+            &[("development", AppEnv::Development), ("production", AppEnv::Production)],
+        );
         let dev = app_env == AppEnv::Development;
 
         let host = r.parse::<IpAddr>("HOST", Some("0.0.0.0"), "an IP address such as 0.0.0.0");
         let port = r.parse::<u16>("PORT", Some("3000"), "a port number (1-65535)");
         let database_url = r.secret_url("DATABASE_URL", dev.then_some(DEV_DATABASE_URL), &["postgres", "postgresql"]);
-        let redis_url = r.secret_url("REDIS_URL", dev.then_some(DEV_REDIS_URL), &["redis", "rediss"]);
+        // TLS (`rediss://`) is not compiled in: put a TLS-terminating proxy in front, or ask for it.
+        let redis_url = r.secret_url("REDIS_URL", dev.then_some(DEV_REDIS_URL), &["redis"]);
         let pipeline_file = PathBuf::from(r.get("PIPELINE_FILE").unwrap_or_else(|| "pipelines/whatsapp.toml".into()));
         let migrate_on_start = r.flag("MIGRATE_ON_START", true);
 
         let whatsapp_provider = r.choice(
             "WHATSAPP_PROVIDER",
             "sandbox",
-            &[("sandbox", WhatsAppProvider::Sandbox), ("meta", WhatsAppProvider::Meta), ("360dialog", WhatsAppProvider::Dialog360)],
+            &[
+                ("sandbox", WhatsAppProvider::Sandbox),
+                ("meta", WhatsAppProvider::Meta),
+                ("360dialog", WhatsAppProvider::Dialog360),
+            ],
         );
         let default_api_url = match whatsapp_provider {
             WhatsAppProvider::Dialog360 => "https://waba-v2.360dialog.io",
@@ -152,7 +163,7 @@ impl Settings {
         let real_provider = whatsapp_provider != WhatsAppProvider::Sandbox;
         let whatsapp_api_key = r.secret("WHATSAPP_API_KEY", real_provider, None);
         let whatsapp_verify_token = r
-            .secret("WHATSAPP_VERIFY_TOKEN", !dev, Some(DEV_VERIFY_TOKEN))
+            .secret("WHATSAPP_VERIFY_TOKEN", !dev, dev.then_some(DEV_VERIFY_TOKEN))
             .unwrap_or_else(|| SecretString::from(DEV_VERIFY_TOKEN));
         let whatsapp_app_secret =
             r.secret("WHATSAPP_APP_SECRET", whatsapp_provider == WhatsAppProvider::Meta, dev.then_some(DEV_APP_SECRET));
@@ -161,13 +172,11 @@ impl Settings {
         let whatsapp_webhook_token_header =
             r.get("WHATSAPP_WEBHOOK_TOKEN_HEADER").unwrap_or_else(|| "X-Webhook-Token".into());
 
-        let llm_provider = r.choice("LLM_PROVIDER", "local", &[("local", LlmProvider::Local), ("openai", LlmProvider::OpenAi)]);
+        let llm_provider =
+            r.choice("LLM_PROVIDER", "local", &[("local", LlmProvider::Local), ("openai", LlmProvider::OpenAi)]);
         let llm_needs_server = llm_provider == LlmProvider::OpenAi;
-        let llm_base_url = if llm_needs_server || r.get("LLM_BASE_URL").is_some() {
-            Some(r.url("LLM_BASE_URL", None))
-        } else {
-            None
-        };
+        let llm_base_url =
+            if llm_needs_server || r.get("LLM_BASE_URL").is_some() { Some(r.url("LLM_BASE_URL", None)) } else { None };
         let llm_api_key = r.secret("LLM_API_KEY", false, None);
         let llm_model = r.get("LLM_MODEL");
         if llm_needs_server && llm_model.is_none() {
@@ -175,8 +184,11 @@ impl Settings {
         }
         let embedding_provider = r.choice("EMBEDDING_PROVIDER", "hash", &[("hash", EmbeddingProvider::Hash)]);
 
-        let jwt_secret = r.secret("JWT_SECRET", !dev, Some(DEV_JWT_SECRET)).unwrap_or_else(|| SecretString::from(DEV_JWT_SECRET));
-        if jwt_secret.expose_secret().chars().count() < 32 {
+        let jwt_set = r.get("JWT_SECRET").is_some() || dev;
+        let jwt_secret = r
+            .secret("JWT_SECRET", !dev, dev.then_some(DEV_JWT_SECRET))
+            .unwrap_or_else(|| SecretString::from(DEV_JWT_SECRET));
+        if jwt_set && jwt_secret.expose_secret().chars().count() < 32 {
             r.problem("JWT_SECRET: must be at least 32 characters long");
         }
         let jwt_expires_in = r.duration("JWT_EXPIRES_IN", "7d");
@@ -200,13 +212,18 @@ impl Settings {
         let rate_limit_max = r.parse::<u32>("RATE_LIMIT_MAX", Some("100"), "a whole number of requests");
         let rate_limit_window = r.duration("RATE_LIMIT_WINDOW", "1m");
 
-        let worker_concurrency = r.parse::<usize>("WORKER_CONCURRENCY", Some("64"), "a whole number of jobs (at least 1)");
+        let worker_concurrency =
+            r.parse::<usize>("WORKER_CONCURRENCY", Some("64"), "a whole number of jobs (at least 1)");
         if worker_concurrency == Some(0) {
             r.problem("WORKER_CONCURRENCY: must be at least 1");
         }
         let queue_shards = r.parse::<u32>("QUEUE_SHARDS", Some("16"), "a whole number of shards (1-1024)");
         if queue_shards.is_some_and(|n| n == 0 || n > 1024) {
             r.problem("QUEUE_SHARDS: must be between 1 and 1024");
+        }
+        let queue_prefix = r.get("QUEUE_PREFIX").unwrap_or_else(|| "parley".into());
+        if !queue_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            r.problem(format!("QUEUE_PREFIX: expected letters, digits, '-', '_' or '.', got `{queue_prefix}`"));
         }
         let job_max_attempts = r.parse::<u32>("JOB_MAX_ATTEMPTS", Some("8"), "a whole number of attempts (at least 1)");
         if job_max_attempts == Some(0) {
@@ -222,7 +239,7 @@ impl Settings {
             if llm_provider == LlmProvider::Local {
                 r.problem("LLM_PROVIDER: `local` is refused with APP_ENV=production; choose openai");
             }
-            if jwt_secret.expose_secret() == DEV_JWT_SECRET {
+            if jwt_set && jwt_secret.expose_secret() == DEV_JWT_SECRET {
                 r.problem("JWT_SECRET: the development secret is refused with APP_ENV=production");
             }
         }
@@ -263,6 +280,7 @@ impl Settings {
             rate_limit_window: rate_limit_window.ok_or_else(missing)?,
             worker_concurrency: worker_concurrency.ok_or_else(missing)?,
             queue_shards: queue_shards.ok_or_else(missing)?,
+            queue_prefix,
             job_max_attempts: job_max_attempts.ok_or_else(missing)?,
             job_backoff_base: job_backoff_base.ok_or_else(missing)?,
             job_backoff_max: job_backoff_max.ok_or_else(missing)?,

@@ -26,6 +26,12 @@ pub mod names {
     pub const SEND_SKIPPED: &str = "send_skipped";
     pub const JOB_RETRY: &str = "job_retry";
     pub const JOB_FAILED: &str = "job_failed";
+    pub const MESSAGE_IGNORED: &str = "message_ignored";
+    pub const STATUS_UPDATED: &str = "status_updated";
+    pub const WORKER_STARTED: &str = "worker_started";
+    pub const WORKER_STOPPED: &str = "worker_stopped";
+    pub const SHARD_ACQUIRED: &str = "shard_acquired";
+    pub const SHARD_RELEASED: &str = "shard_released";
     pub const STAGE_FAILED_OPEN: &str = "stage_failed_open";
     pub const PIPELINE_RELOADED: &str = "pipeline_reloaded";
     pub const PIPELINE_RELOAD_FAILED: &str = "pipeline_reload_failed";

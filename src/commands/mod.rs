@@ -1,8 +1,12 @@
 //! The `parley` subcommands.
 
+pub mod database;
 pub mod pipeline_show;
 pub mod schema;
+pub mod service;
+pub mod simulate;
 pub mod stages;
+pub mod token;
 pub mod validate;
 
 use std::path::PathBuf;

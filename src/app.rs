@@ -1,0 +1,278 @@
+//! Start-up: builds the service from its settings (PostgreSQL, Redis, providers, the pipeline
+//! runtime) and runs its roles — the HTTP API, the workers, or both — until SIGTERM/SIGINT.
+//! Tests start it on port 0 the same way (`start`).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use engine::{
+    events::EventSink,
+    ports::{Resources, SystemClock},
+    reload::{Reloader, WatchHandle},
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use poem::{Server, listener::TcpAcceptor};
+use redis::aio::ConnectionManager;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    http::{self, DependencyState, HttpState, Readiness, ReadyReport},
+    kv::{self, RedisKv},
+    providers,
+    queue::{DurableIntake, QueuedEvent, SpoolSink, leases::Leases, streams::Queue},
+    settings::Settings,
+    store::{self, PgStore},
+    worker::{Worker, WorkerConfig, WorkerDeps},
+};
+
+/// What a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The HTTP API and the workers in one process.
+    Serve,
+    /// Only the HTTP API (webhook, admin, health).
+    Api,
+    /// Only the workers.
+    Worker,
+}
+
+impl Role {
+    fn http(self) -> bool {
+        matches!(self, Self::Serve | Self::Api)
+    }
+    fn workers(self) -> bool {
+        matches!(self, Self::Serve | Self::Worker)
+    }
+}
+
+/// How long a Redis call of the anti-abuse stages may take before they fail open.
+const KV_TIMEOUT: Duration = Duration::from_millis(500);
+/// How soon a saved pipeline file is picked up.
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// The service's shared parts, built once per process.
+#[derive(Clone)]
+pub struct App {
+    pub settings: Arc<Settings>,
+    pub store: PgStore,
+    pub redis: ConnectionManager,
+    pub queue: Queue,
+    pub events: Arc<dyn EventSink>,
+    pub reloader: Arc<Reloader>,
+    pub resources: Resources,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+impl App {
+    /// Connects to PostgreSQL (migrating it unless MIGRATE_ON_START=false) and Redis, builds the
+    /// providers and loads the pipeline. Redis may be down at start: the webhook spools to
+    /// PostgreSQL until it returns.
+    pub async fn build(settings: Settings, events: Arc<dyn EventSink>) -> anyhow::Result<Self> {
+        let settings = Arc::new(settings);
+        let pool =
+            store::connect(&settings.database_url).await.context("cannot connect to PostgreSQL (DATABASE_URL)")?;
+        if settings.migrate_on_start {
+            store::migrate(&pool).await.context("cannot migrate the database")?;
+        }
+        let store = PgStore::new(pool);
+        let redis = kv::connect_lazy(&settings.redis_url).context("invalid REDIS_URL")?;
+        let providers = providers::build(&settings, events.clone()).context("cannot set up the providers")?;
+        let resources = Resources {
+            kv: Arc::new(RedisKv::new(redis.clone(), KV_TIMEOUT)),
+            store: Arc::new(store.clone()),
+            llm: providers.llm,
+            embedder: providers.embedder,
+            sender: providers.sender,
+            clock: Arc::new(SystemClock),
+            events: events.clone(),
+            pseudonym_key: Arc::from(settings.pseudonym_key()),
+        };
+        let reloader = Reloader::start(&settings.pipeline_file, resources.clone())
+            .map_err(|e| anyhow::anyhow!("the pipeline file is invalid:\n{e}"))?;
+        // Blocking stream reads get their own connections, so that they never hold up the
+        // webhook's writes or the stages' calls on the shared one.
+        let queue = Queue::new(redis.clone(), settings.queue_prefix.clone(), settings.queue_shards)
+            .with_blocking_reads(&settings.redis_url)
+            .context("invalid REDIS_URL")?;
+        Ok(Self {
+            settings,
+            store,
+            redis,
+            queue,
+            events,
+            reloader: Arc::new(reloader),
+            resources,
+            metrics: prometheus(),
+        })
+    }
+
+    pub fn http_state(&self) -> HttpState {
+        let intake = DurableIntake::new(self.queue.clone(), Arc::new(PgSpool(self.store.clone())));
+        HttpState {
+            settings: self.settings.clone(),
+            intake: Arc::new(intake),
+            events: self.events.clone(),
+            readiness: Arc::new(AppReadiness { app: self.clone() }),
+            reloader: Some(self.reloader.clone()),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    pub fn worker(&self, id: impl Into<String>) -> Worker {
+        let s = &self.settings;
+        let config =
+            WorkerConfig::new(id, s.worker_concurrency, s.job_max_attempts, s.job_backoff_base, s.job_backoff_max);
+        Worker::new(
+            config,
+            WorkerDeps {
+                store: self.store.clone(),
+                queue: self.queue.clone(),
+                leases: Leases::of(&self.queue),
+                reloader: self.reloader.clone(),
+                events: self.events.clone(),
+            },
+        )
+    }
+}
+
+/// The Prometheus recorder is process-wide: installed once, shared by every app in the process.
+fn prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().ok()).clone()
+}
+
+/// The spool is the `inbound_spool` table.
+struct PgSpool(PgStore);
+
+#[async_trait]
+impl SpoolSink for PgSpool {
+    async fn spool(&self, events: &[QueuedEvent], shards: u32) -> Result<Vec<i64>, String> {
+        self.0.spool_insert(events, shards).await.map_err(|e| e.to_string())
+    }
+}
+
+struct AppReadiness {
+    app: App,
+}
+
+#[async_trait]
+impl Readiness for AppReadiness {
+    async fn check(&self) -> ReadyReport {
+        let app = &self.app;
+        let postgres = match app.store.ping().await {
+            Ok(()) => DependencyState::Up,
+            Err(e) => DependencyState::Down(e.to_string()),
+        };
+        let (redis, policy) = match kv::ping(&app.redis).await {
+            Ok(()) => (DependencyState::Up, kv::eviction_policy(&app.redis).await.ok()),
+            Err(e) => (DependencyState::Down(e.to_string()), None),
+        };
+        let live_workers = Leases::of(&app.queue).live_workers().await.ok().map(|w| w.len() as u64);
+        let spool_backlog = app.store.spool_pending().await.ok().and_then(|n| u64::try_from(n).ok());
+        ReadyReport {
+            postgres,
+            redis,
+            redis_eviction_policy: policy,
+            pipeline_generation: Some(app.reloader.runtime().generation()),
+            live_workers,
+            spool_backlog,
+        }
+    }
+}
+
+/// A started process: its address (with an HTTP role) and the handle that stops it.
+pub struct Running {
+    pub addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    _watch: Option<WatchHandle>,
+}
+
+impl Running {
+    /// Stops intake, lets jobs in flight finish, and waits for everything to end.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Starts the roles of `role`. The HTTP API listens on `bind` (port 0 picks a free port).
+pub async fn start(app: App, role: Role, bind: SocketAddr, worker_id: String) -> anyhow::Result<Running> {
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut addr = None;
+    if role.http() {
+        let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;
+        let local = listener.local_addr()?;
+        addr = Some(local);
+        let acceptor = TcpAcceptor::from_tokio(listener)?;
+        let routes = http::routes(app.http_state());
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let server = Server::new_with_acceptor(acceptor);
+            if let Err(e) = server
+                .run_with_graceful_shutdown(
+                    routes,
+                    async move { stop.cancelled().await },
+                    Some(Duration::from_secs(10)),
+                )
+                .await
+            {
+                tracing::error!(error = %e, "the HTTP server stopped");
+            }
+        }));
+        tracing::info!(%local, "listening");
+    }
+    if role.workers() {
+        let worker = app.worker(worker_id);
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move { worker.run(stop).await }));
+    }
+    let watch = match app.reloader.watch(RELOAD_DEBOUNCE) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the pipeline file; reload with SIGHUP or the admin API");
+            None
+        }
+    };
+    #[cfg(unix)]
+    if let Ok(task) = app.reloader.reload_on_sighup() {
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            stop.cancelled().await;
+            task.abort();
+        }));
+    }
+    Ok(Running { addr, shutdown, tasks, _watch: watch })
+}
+
+/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
+pub async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
