@@ -122,8 +122,9 @@ impl App {
 
     pub fn worker(&self, id: impl Into<String>) -> Worker {
         let s = &self.settings;
-        let config =
+        let mut config =
             WorkerConfig::new(id, s.worker_concurrency, s.job_max_attempts, s.job_backoff_base, s.job_backoff_max);
+        config.lease_ttl = s.worker_lease_ttl;
         Worker::new(
             config,
             WorkerDeps {

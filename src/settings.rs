@@ -104,6 +104,9 @@ pub struct Settings {
     /// Prefix of the queue's Redis keys, so that deployments can share a Redis.
     pub queue_prefix: String,
     pub job_max_attempts: u32,
+    /// How long a worker's shard leases last without renewal: a dead worker's shards are taken
+    /// over after at most this long.
+    pub worker_lease_ttl: Duration,
     pub job_backoff_base: Duration,
     pub job_backoff_max: Duration,
 }
@@ -229,6 +232,7 @@ impl Settings {
         if job_max_attempts == Some(0) {
             r.problem("JOB_MAX_ATTEMPTS: must be at least 1");
         }
+        let worker_lease_ttl = r.duration("WORKER_LEASE_TTL", "15s");
         let job_backoff_base = r.duration("JOB_BACKOFF_BASE", "1s");
         let job_backoff_max = r.duration("JOB_BACKOFF_MAX", "5m");
 
@@ -282,6 +286,7 @@ impl Settings {
             queue_shards: queue_shards.ok_or_else(missing)?,
             queue_prefix,
             job_max_attempts: job_max_attempts.ok_or_else(missing)?,
+            worker_lease_ttl: worker_lease_ttl.ok_or_else(missing)?,
             job_backoff_base: job_backoff_base.ok_or_else(missing)?,
             job_backoff_max: job_backoff_max.ok_or_else(missing)?,
         })
