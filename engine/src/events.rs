@@ -24,6 +24,7 @@ pub mod names {
     pub const MESSAGE_SENT: &str = "message_sent";
     pub const SEND_FAILED: &str = "send_failed";
     pub const SEND_SKIPPED: &str = "send_skipped";
+    pub const SANDBOX_REPLY: &str = "sandbox_reply";
     pub const JOB_RETRY: &str = "job_retry";
     pub const JOB_FAILED: &str = "job_failed";
     pub const MESSAGE_IGNORED: &str = "message_ignored";

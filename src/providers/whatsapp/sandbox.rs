@@ -14,7 +14,7 @@ use engine::{
 
 /// The event the sandbox prints for each reply. Only the sandbox emits it, and only in
 /// development (production refuses the sandbox).
-pub const SANDBOX_REPLY: &str = "sandbox_reply";
+pub use engine::events::names::SANDBOX_REPLY;
 
 /// The prefix of the ids the sandbox returns, so that they never pass for a real `wamid`.
 pub const SANDBOX_ID_PREFIX: &str = "sandbox.";
