@@ -117,7 +117,16 @@ impl App {
             readiness: Arc::new(AppReadiness { app: self.clone() }),
             reloader: Some(self.reloader.clone()),
             metrics: self.metrics.clone(),
+            reload_broadcast: Some(Arc::new(RedisReloadBroadcast {
+                conn: self.redis.clone(),
+                channel: self.reload_channel(),
+            })),
         }
+    }
+
+    /// The Redis pub/sub channel on which replicas ask each other to reload.
+    fn reload_channel(&self) -> String {
+        format!("{}:pipeline-reload", self.settings.queue_prefix)
     }
 
     pub fn worker(&self, id: impl Into<String>) -> Worker {
@@ -142,6 +151,65 @@ impl App {
 fn prometheus() -> Option<PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
     HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().ok()).clone()
+}
+
+struct RedisReloadBroadcast {
+    conn: ConnectionManager,
+    channel: String,
+}
+
+#[async_trait]
+impl http::admin::ReloadBroadcast for RedisReloadBroadcast {
+    async fn publish(&self) {
+        let mut conn = self.conn.clone();
+        let sent = tokio::time::timeout(
+            Duration::from_secs(1),
+            redis::cmd("PUBLISH").arg(&self.channel).arg("reload").query_async::<i64>(&mut conn),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(_))) {
+            tracing::warn!(
+                "cannot ask the other replicas to reload; they pick up the file on their own when it changes"
+            );
+        }
+    }
+}
+
+/// Reloads when another replica asks to (after an admin reload there). Reconnects while Redis is
+/// down; a replica that misses a broadcast still reloads when its file changes.
+async fn follow_reload_broadcasts(app: App, stop: CancellationToken) {
+    let channel = app.reload_channel();
+    let Ok(client) = redis::Client::open(secrecy::ExposeSecret::expose_secret(&app.settings.redis_url)) else { return };
+    while !stop.is_cancelled() {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let mut pubsub = match tokio::time::timeout(Duration::from_secs(2), subscribed).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let mut messages = pubsub.on_message();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                next = futures_next(&mut messages) => match next {
+                    Some(_) => { let _ = app.reloader.reload("broadcast").await; }
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+async fn futures_next<S: futures_core::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
+    std::future::poll_fn(|cx| std::pin::Pin::new(&mut *s).poll_next(cx)).await
 }
 
 /// The spool is the `inbound_spool` table.
@@ -237,6 +305,7 @@ pub async fn start(app: App, role: Role, bind: SocketAddr, worker_id: String) ->
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move { worker.run(stop).await }));
     }
+    tasks.push(tokio::spawn(follow_reload_broadcasts(app.clone(), shutdown.clone())));
     let watch = match app.reloader.watch(RELOAD_DEBOUNCE) {
         Ok(w) => Some(w),
         Err(e) => {

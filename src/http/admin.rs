@@ -90,10 +90,18 @@ impl From<AuthFailure> for ReloadResponse {
     }
 }
 
+/// Asks every replica to reload its pipeline file (they share the file, e.g. through a volume
+/// updated by the deployment): the process that received the admin call is only one of them.
+#[async_trait::async_trait]
+pub trait ReloadBroadcast: Send + Sync {
+    async fn publish(&self);
+}
+
 /// `/pipelines/*`.
 pub struct PipelinesApi {
     jwt_secret: SecretString,
     reloader: Option<Arc<Reloader>>,
+    broadcast: Option<Arc<dyn ReloadBroadcast>>,
 }
 
 #[OpenApi(prefix_path = "/pipelines", tag = "AdminTag::Pipelines")]
@@ -116,7 +124,13 @@ impl PipelinesApi {
             ));
         };
         tracing::info!(sub = %claims.sub, role = %claims.role, tenant = ?claims.tenant, "pipeline reload requested");
-        match reloader.reload("admin").await {
+        let result = reloader.reload("admin").await;
+        if result.is_ok()
+            && let Some(broadcast) = &self.broadcast
+        {
+            broadcast.publish().await;
+        }
+        match result {
             Ok(ReloadOutcome::Reloaded { generation, stages_reused, stages_built }) => {
                 ReloadResponse::Done(Json(ReloadedBody {
                     status: "reloaded".into(),
@@ -144,6 +158,10 @@ impl PipelinesApi {
 pub type AdminApi = PipelinesApi;
 
 pub fn admin_api(state: &HttpState) -> OpenApiService<AdminApi, ()> {
-    let pipelines = PipelinesApi { jwt_secret: state.settings.jwt_secret.clone(), reloader: state.reloader.clone() };
+    let pipelines = PipelinesApi {
+        jwt_secret: state.settings.jwt_secret.clone(),
+        reloader: state.reloader.clone(),
+        broadcast: state.reload_broadcast.clone(),
+    };
     OpenApiService::new(pipelines, "Parley admin API", env!("CARGO_PKG_VERSION")).server(ADMIN_PREFIX)
 }

@@ -50,6 +50,8 @@ pub struct HttpState {
     pub reloader: Option<Arc<engine::reload::Reloader>>,
     /// The Prometheus recorder's handle; `None`: `/metrics` answers 404.
     pub metrics: Option<PrometheusHandle>,
+    /// Tells the other replicas to reload after an admin reload; `None`: this process only.
+    pub reload_broadcast: Option<Arc<dyn admin::ReloadBroadcast>>,
 }
 
 /// Every route, with the layers the settings ask for. Serve it with `poem::Server`.

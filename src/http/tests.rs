@@ -147,6 +147,7 @@ impl Setup {
             readiness: readiness.clone(),
             reloader: self.reloader,
             metrics: self.metrics,
+            reload_broadcast: None,
         };
         let client = TestClient::new(routes(state.clone()));
         Harness { client, app: routes(state), intake, readiness, events }

@@ -4,6 +4,8 @@
 //! (`RedisServer`, `PgServer`) for the tests that stop them.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::{
     collections::BTreeMap,
     io::Write,
@@ -92,7 +94,10 @@ async fn meta_send(
         return poem::Response::builder()
             .status(poem::http::StatusCode::from_u16(status).unwrap())
             .content_type("application/json")
-            .body(json!({"error": {"message": "refused by the fake", "type": "OAuthException", "code": code}}).to_string());
+            .body(
+                json!({"error": {"message": "refused by the fake", "type": "OAuthException", "code": code}})
+                    .to_string(),
+            );
     }
     let mut sent = state.sent.lock().unwrap();
     sent.push((phone_number_id, body));
@@ -111,7 +116,8 @@ pub struct FakeMeta {
 impl FakeMeta {
     pub async fn start() -> Self {
         let state = Arc::new(MetaState::default());
-        let (addr, task) = serve(Route::new().at("/:phone_number_id/messages", post(meta_send)).data(state.clone())).await;
+        let (addr, task) =
+            serve(Route::new().at("/:phone_number_id/messages", post(meta_send)).data(state.clone())).await;
         Self { addr, state, _task: task }
     }
 
@@ -181,7 +187,8 @@ pub struct FakeLlm {
 impl FakeLlm {
     pub async fn start() -> Self {
         let state = Arc::new(LlmState::default());
-        let (addr, task) = serve(Route::new().at("/v1/chat/completions", post(chat_completions)).data(state.clone())).await;
+        let (addr, task) =
+            serve(Route::new().at("/v1/chat/completions", post(chat_completions)).data(state.clone())).await;
         Self { addr, state, _task: task }
     }
 
@@ -417,13 +424,13 @@ impl Environment {
 
     /// Deletes the queue's keys and the test database.
     pub async fn cleanup(self, redis_url: &str) {
-        if let Ok(client) = redis::Client::open(redis_url) {
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                let keys: Vec<String> =
-                    redis::cmd("KEYS").arg(format!("{}:*", self.prefix)).query_async(&mut conn).await.unwrap_or_default();
-                if !keys.is_empty() {
-                    let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
-                }
+        if let Ok(client) = redis::Client::open(redis_url)
+            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+        {
+            let keys: Vec<String> =
+                redis::cmd("KEYS").arg(format!("{}:*", self.prefix)).query_async(&mut conn).await.unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
             }
         }
         if let Some(db) = self.db {
