@@ -28,7 +28,9 @@ async fn a_normal_message_gets_one_answer_with_the_events_in_order() {
     let order = ["message_received", "job_added", "llm_request", "message_sent"].map(|n| position(&names, n));
     assert!(order.windows(2).all(|w| w[0] < w[1]), "events out of order: {names:?}");
 
-    let inbound = app.count("select count(*) from messages where direction = 'inbound' and provider_message_id = 'wamid.A1'").await;
+    let inbound = app
+        .count("select count(*) from messages where direction = 'inbound' and provider_message_id = 'wamid.A1'")
+        .await;
     let outbound = app.count("select count(*) from messages where direction = 'outbound' and in_reply_to = 'wamid.A1' and status = 'sent'").await;
     assert_eq!((inbound, outbound), (1, 1));
     app.stop().await;
@@ -106,7 +108,10 @@ async fn b_and_c_a_tenant_over_its_quota_gets_the_notice_without_the_llm() {
     assert_eq!(app.send_text(USER, "wamid.C1", "Troisième message").await, 200);
     app.meta().wait_for_sends(3, WAIT).await;
     let names = app.events.names_for("wamid.C1");
-    assert!(names.contains(&"quota_exceeded_handled".to_owned()) && !names.contains(&"quota_exceeded".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"quota_exceeded_handled".to_owned()) && !names.contains(&"quota_exceeded".to_owned()),
+        "{names:?}"
+    );
     let handled = app.events.named("quota_exceeded_handled");
     assert_eq!(handled.last().unwrap()["alreadyBlocked"], true);
     assert_eq!(app.env.llm.requests(), 1);
