@@ -24,8 +24,12 @@ pub mod names {
     pub const MESSAGE_SENT: &str = "message_sent";
     pub const SEND_FAILED: &str = "send_failed";
     pub const SEND_SKIPPED: &str = "send_skipped";
+    pub const SEND_REFUSED_WINDOW: &str = "send_refused_window";
     pub const SANDBOX_REPLY: &str = "sandbox_reply";
     pub const JOB_RETRY: &str = "job_retry";
+    /// An outbound call (LLM, embeddings, WhatsApp send) failed with a retryable error and is tried
+    /// again within the same job; emitted by the provider clients.
+    pub const PROVIDER_CALL_RETRIED: &str = "provider_call_retried";
     pub const JOB_FAILED: &str = "job_failed";
     pub const MESSAGE_IGNORED: &str = "message_ignored";
     pub const STATUS_UPDATED: &str = "status_updated";

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use crate::{
     embedding::{cosine, hash_embedding},
     ids::{ConversationId, ProviderMessageId, TenantId},
-    message::{KnowledgeChunk, QuotaBlock},
+    message::{ChannelInfo, KnowledgeChunk, QuotaBlock},
     ports::*,
 };
 
@@ -410,12 +410,23 @@ pub enum SendFailure {
     Permanent { code: String },
 }
 
-/// A WhatsApp sender that records what it sends.
+/// One call to [`OutboundSender::mark_read`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadMark {
+    pub channel: ChannelInfo,
+    pub message_id: ProviderMessageId,
+    pub typing: bool,
+}
+
+/// A WhatsApp sender that records what it sends and the messages it marks read.
 #[derive(Default)]
 pub struct MemorySender {
     sent: Mutex<Vec<(OutboundText, ProviderMessageId)>>,
     failure: Mutex<Option<SendFailure>>,
     attempts: AtomicUsize,
+    read_marks: Mutex<Vec<ReadMark>>,
+    // Apart from `failure`: a test of the read receipt must be able to fail it while sends succeed.
+    read_failure: Mutex<Option<SendFailure>>,
 }
 
 impl MemorySender {
@@ -439,6 +450,14 @@ impl MemorySender {
     pub fn attempts(&self) -> usize {
         self.attempts.load(Ordering::SeqCst)
     }
+    /// Makes `mark_read` fail (or succeed again with `None`); sends are not affected.
+    pub fn fail_read_marks_with(&self, failure: Option<SendFailure>) {
+        *lock(&self.read_failure) = failure;
+    }
+    /// Every message the provider accepted to mark read, in order.
+    pub fn read_marks(&self) -> Vec<ReadMark> {
+        lock(&self.read_marks).clone()
+    }
 }
 
 #[async_trait]
@@ -456,5 +475,73 @@ impl OutboundSender for MemorySender {
         let id = ProviderMessageId::new(format!("wamid.out.{}", sent.len() + 1));
         sent.push((message.clone(), id.clone()));
         Ok(id)
+    }
+
+    async fn mark_read(
+        &self,
+        channel: &ChannelInfo,
+        message_id: &ProviderMessageId,
+        typing: bool,
+    ) -> Result<(), PortError> {
+        match lock(&self.read_failure).clone() {
+            Some(SendFailure::Unavailable) => return Err(PortError::unavailable("whatsapp", "HTTP 503 (test)")),
+            Some(SendFailure::Permanent { code }) => {
+                return Err(PortError::permanent("whatsapp", Some(code), "message cannot be marked read (test)"));
+            }
+            None => {}
+        }
+        lock(&self.read_marks).push(ReadMark { channel: channel.clone(), message_id: message_id.clone(), typing });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ChannelId, PhoneNumber};
+
+    fn channel() -> ChannelInfo {
+        ChannelInfo { id: ChannelId::new("channel-1"), provider: "meta".into(), phone_number_id: "PNID".into() }
+    }
+
+    /// A sender written before read receipts existed: it only sends.
+    struct SendOnly;
+
+    #[async_trait]
+    impl OutboundSender for SendOnly {
+        async fn send_text(&self, _message: &OutboundText) -> Result<ProviderMessageId, PortError> {
+            Ok(ProviderMessageId::new("wamid.out"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sender_without_read_receipts_accepts_mark_read_and_does_nothing() {
+        let sender: Arc<dyn OutboundSender> = Arc::new(SendOnly);
+
+        let marked = sender.mark_read(&channel(), &ProviderMessageId::new("wamid.in"), true).await;
+
+        assert_eq!(marked, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn memory_sender_records_read_marks_and_fails_them_apart_from_sends() {
+        let sender = MemorySender::new();
+        let wamid = ProviderMessageId::new("wamid.in.1");
+
+        sender.mark_read(&channel(), &wamid, true).await.unwrap();
+        sender.fail_read_marks_with(Some(SendFailure::Unavailable));
+        let refused = sender.mark_read(&channel(), &wamid, false).await;
+        let sent = sender
+            .send_text(&OutboundText {
+                channel: channel(),
+                to: PhoneNumber::new("33612345678"),
+                text: "ok".into(),
+                reply_to: None,
+            })
+            .await;
+
+        assert_eq!(sender.read_marks(), [ReadMark { channel: channel(), message_id: wamid, typing: true }]);
+        assert!(refused.is_err_and(|e| e.is_retryable()));
+        assert!(sent.is_ok(), "a failing read receipt must not fail sends");
     }
 }

@@ -257,6 +257,20 @@ pub struct OutboundText {
 pub trait OutboundSender: Send + Sync {
     /// Sends a text and returns the provider's id of the sent message.
     async fn send_text(&self, message: &OutboundText) -> Result<ProviderMessageId, PortError>;
+
+    /// Marks the inbound message `message_id` as read (the user sees the blue ticks) and, with
+    /// `typing`, shows the typing indicator until the answer is sent or about 25 seconds pass.
+    ///
+    /// Optional for a provider: the default does nothing, so that a sender without read receipts
+    /// (the sandbox) needs no code for it.
+    async fn mark_read(
+        &self,
+        _channel: &ChannelInfo,
+        _message_id: &ProviderMessageId,
+        _typing: bool,
+    ) -> Result<(), PortError> {
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

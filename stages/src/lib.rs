@@ -1,6 +1,7 @@
 //! Parley's built-in stages, one file each. Each registers itself with
 //! [`engine::register_stage!`]; linking this crate (see [`link`]) makes them known to the loader.
 
+pub mod ack;
 pub mod dedupe;
 pub mod llm;
 pub mod quota_gate;

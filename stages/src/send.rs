@@ -1,15 +1,17 @@
 //! The `send` stage, last in every pipeline: records the reply as an outbound row, then sends it
-//! through the WhatsApp provider, so that a retried job never answers the same message twice.
+//! through the WhatsApp provider, so that a retried job never answers the same message twice. It
+//! also keeps Meta's 24-hour customer-service window: a free-form reply to a message older than the
+//! window is refused here rather than by the provider.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use engine::{
-    BuildError, ConfigDuration, Decision, OnError, Stage, StageConfig, StageContext, StageError,
+    BuildError, ConfigDuration, ConfigProblem, Decision, OnError, Stage, StageConfig, StageContext, StageError,
     events::{Event, names},
     masking::mask_phones_in,
     message::{Message, ReplySource, SentReply},
     ports::{
-        NewOutbound, OutboundRecord, OutboundSender, OutboundStatus, OutboundText, PortError, RelationalStore,
+        Clock, NewOutbound, OutboundRecord, OutboundSender, OutboundStatus, OutboundText, PortError, RelationalStore,
         Resources,
     },
 };
@@ -23,11 +25,22 @@ pub struct SendConfig {
     /// Quote the user's message in the answer (WhatsApp shows it above the reply), so that the
     /// user sees which message is answered when several crossed.
     pub quote: bool,
+    /// The customer-service window: how long after the user's message (its provider timestamp) a
+    /// free-form reply may still be sent. Meta refuses free-form messages once 24 hours have
+    /// passed since the user last wrote (error 131047); an older reply is recorded as failed with
+    /// the code `window_closed` and not sent.
+    pub window: ConfigDuration,
 }
+
+/// Meta's customer-service window.
+const META_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// The outbound row's failure code for a reply refused for the customer-service window.
+pub const WINDOW_CLOSED: &str = "window_closed";
 
 impl Default for SendConfig {
     fn default() -> Self {
-        Self { quote: true }
+        Self { quote: true, window: ConfigDuration::from_secs(META_WINDOW.as_secs()) }
     }
 }
 
@@ -36,10 +49,30 @@ impl StageConfig for SendConfig {
     const DESCRIPTION: &'static str = "Records the reply, then sends it to the user through the WhatsApp provider.";
     const DEFAULT_ON_ERROR: OnError = OnError::Closed;
     const DEFAULT_TIMEOUT: ConfigDuration = ConfigDuration::from_secs(10);
-    const EXAMPLE: &'static str = "kind = \"send\"\nquote = true\n";
+    const EXAMPLE: &'static str = "kind = \"send\"\nquote = true\nwindow = \"24h\"\n";
+
+    fn check(&self) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        if self.window.get() > META_WINDOW {
+            problems.push(ConfigProblem::warning(
+                "window",
+                format!(
+                    "{} is longer than WhatsApp's 24h customer-service window: Meta refuses the replies sent after 24h (error 131047)",
+                    self.window
+                ),
+            ));
+        }
+        problems
+    }
 
     fn build(&self, resources: &Resources) -> Result<Arc<dyn Stage>, BuildError> {
-        Ok(Arc::new(SendStage { quote: self.quote, store: resources.store.clone(), sender: resources.sender.clone() }))
+        Ok(Arc::new(SendStage {
+            quote: self.quote,
+            window: self.window.get(),
+            store: resources.store.clone(),
+            sender: resources.sender.clone(),
+            clock: resources.clock.clone(),
+        }))
     }
 }
 
@@ -48,8 +81,10 @@ engine::register_stage!(SendConfig);
 /// The running stage.
 pub struct SendStage {
     quote: bool,
+    window: Duration,
     store: Arc<dyn RelationalStore>,
     sender: Arc<dyn OutboundSender>,
+    clock: Arc<dyn Clock>,
 }
 
 #[engine::async_trait]
@@ -92,6 +127,12 @@ impl Stage for SendStage {
             return Ok(Decision::Continue);
         }
 
+        // Checked after the row is found, not before: a reply already sent stays sent however late
+        // the retry, and a refused one is kept, failed, for the operator to see what was not said.
+        if let Some(age) = self.window_closed(msg) {
+            return self.refused_for_window(&record, age, cx).await;
+        }
+
         // A failed row is tried again too: permanent failures are not retried, so this run is a
         // replay or a redelivery, typically after what was refused got fixed; a refusal that
         // persists only fails again.
@@ -130,6 +171,40 @@ impl Stage for SendStage {
 }
 
 impl SendStage {
+    /// The age of the user's message when it is older than the window: the provider would refuse
+    /// a free-form reply for good. A timestamp ahead of our clock (skew) counts as fresh.
+    fn window_closed(&self, msg: &Message) -> Option<chrono::Duration> {
+        let age = self.clock.now().signed_duration_since(msg.inbound.sent_at);
+        let window = chrono::Duration::from_std(self.window).unwrap_or(chrono::Duration::MAX);
+        (age > window).then_some(age)
+    }
+
+    /// Closes the row as failed (`window_closed`) and ends the job cleanly, without an answer (the
+    /// outcome is `Dropped` with the reason): retrying cannot reopen the window, only the user's
+    /// next message can, and that message gets its own answer.
+    async fn refused_for_window(
+        &self,
+        record: &OutboundRecord,
+        age: chrono::Duration,
+        cx: &StageContext<'_>,
+    ) -> Result<Decision, StageError> {
+        cx.emit(
+            Event::warn(names::SEND_REFUSED_WINDOW)
+                .with("outboundId", &record.id)
+                .with("ageSeconds", age.num_seconds())
+                .with("windowSeconds", self.window.as_secs()),
+        );
+        let reason = format!(
+            "the user's message is {}s old, past the {}s customer-service window",
+            age.num_seconds(),
+            self.window.as_secs()
+        );
+        // When the row cannot be closed the job fails and is retried, so that no row stays pending
+        // for a reply that will never go out; the retry refuses again without sending.
+        self.store.mark_outbound_failed(&record.id, Some(WINDOW_CLOSED), &reason).await?;
+        Ok(Decision::Drop(reason))
+    }
+
     /// Records and logs a refused send; the error returned fails the job, retried or dead-lettered
     /// according to the error's kind.
     async fn failed(&self, record: &OutboundRecord, error: PortError, cx: &StageContext<'_>) -> StageError {
@@ -517,7 +592,199 @@ mod tests {
         assert_eq!(spec.on_error, OnError::Closed);
         assert_eq!(spec.timeout, ConfigDuration::from_secs(10));
         spec.config.build(&bench.resources()).unwrap();
-        assert_eq!(serde_json::from_value::<SendConfig>(json!({})).unwrap(), SendConfig { quote: true });
+        assert_eq!(
+            serde_json::from_value::<SendConfig>(json!({})).unwrap(),
+            SendConfig { quote: true, window: ConfigDuration::from_secs(24 * 3600) }
+        );
         assert!(engine::config::load_stage("kind = \"send\"\nquote = \"yes\"", "t.toml").is_err());
+    }
+
+    // ---- the 24-hour customer-service window
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    #[tokio::test]
+    async fn reply_to_a_message_older_than_24h_is_refused_recorded_failed_and_not_retried() {
+        let bench = TestBench::new();
+        bench.llm.answer_with("Réponse bien trop tardive");
+        let pipeline = bench.pipeline(LLM_AND_SEND);
+        let mut msg = bench.message("Bonjour");
+        // The job ran late (PostgreSQL down for a day, say): the user wrote 24h and 1s ago.
+        bench.clock.advance(DAY + Duration::from_secs(1));
+
+        let outcome = bench.run(&pipeline, &mut msg).await;
+
+        assert!(matches!(outcome, Outcome::Dropped { ref stage, .. } if stage == "send"), "{outcome:?}");
+        assert_eq!(bench.sender.attempts(), 0, "nothing may reach the provider");
+        assert_eq!(msg.sent, None);
+        let rows = bench.store.outbound();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].status, OutboundStatus::Failed);
+        assert_eq!(rows[0].text, "Réponse bien trop tardive", "the row keeps what was not said");
+        assert_eq!(bench.store.outbound_failure(&rows[0].id).as_deref(), Some(WINDOW_CLOSED));
+
+        let refused = bench.events.named(names::SEND_REFUSED_WINDOW);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].level, Level::Warn);
+        assert_eq!(refused[0].field("ageSeconds"), Some(&json!(86_401)));
+        assert_eq!(refused[0].field("windowSeconds"), Some(&json!(86_400)));
+        assert_eq!(refused[0].field("outboundId"), Some(&json!(rows[0].id)));
+        assert_eq!(refused[0].field("providerMessageId"), Some(&json!(msg.inbound.provider_message_id.as_str())));
+        assert_eq!(bench.events.count(names::MESSAGE_SENT), 0);
+        assert_eq!(bench.events.count(names::SEND_FAILED), 0, "a refusal is not a provider failure");
+    }
+
+    #[tokio::test]
+    async fn reply_within_24h_of_the_users_message_is_sent() {
+        let bench = TestBench::new();
+        let pipeline = bench.stage("kind = \"send\"");
+        let mut msg = with_reply(&bench, "Bonjour !", ReplySource::Llm);
+        bench.clock.advance(DAY);
+
+        assert_eq!(bench.run(&pipeline, &mut msg).await, Outcome::Completed, "exactly 24h is still inside");
+
+        assert_eq!(bench.sender.sent_texts(), ["Bonjour !"]);
+        assert_eq!(bench.events.count(names::SEND_REFUSED_WINDOW), 0);
+    }
+
+    #[tokio::test]
+    async fn notice_past_the_window_is_refused_too() {
+        let bench = TestBench::new();
+        let pipeline = bench.stage("kind = \"send\"");
+        let mut msg =
+            with_reply(&bench, crate::notices::RATE_LIMITED, ReplySource::Notice { stage: "ratelimit".into() });
+        bench.clock.advance(2 * DAY);
+
+        bench.run(&pipeline, &mut msg).await;
+
+        assert_eq!(bench.sender.attempts(), 0);
+        assert_eq!(bench.events.named(names::SEND_REFUSED_WINDOW)[0].field("ageSeconds"), Some(&json!(172_800)));
+    }
+
+    #[tokio::test]
+    async fn configured_window_refuses_earlier() {
+        let bench = TestBench::new();
+        let pipeline = bench.stage("kind = \"send\"\nwindow = \"1h\"");
+        let mut msg = with_reply(&bench, "Bonjour !", ReplySource::Llm);
+        bench.clock.advance(Duration::from_secs(3601));
+
+        let outcome = bench.run(&pipeline, &mut msg).await;
+
+        assert!(matches!(outcome, Outcome::Dropped { .. }), "{outcome:?}");
+        assert_eq!(bench.sender.attempts(), 0);
+        assert_eq!(bench.events.named(names::SEND_REFUSED_WINDOW)[0].field("windowSeconds"), Some(&json!(3600)));
+    }
+
+    #[tokio::test]
+    async fn retry_after_the_window_closed_does_not_undo_a_reply_already_sent() {
+        let bench = TestBench::new();
+        let pipeline = bench.stage("kind = \"send\"");
+        let mut msg = with_reply(&bench, "Bonjour !", ReplySource::Llm);
+        assert_eq!(bench.run(&pipeline, &mut msg).await, Outcome::Completed);
+        let first = msg.sent.clone();
+
+        bench.clock.advance(2 * DAY);
+        bench.events.clear();
+        let mut again = bench.retry(&msg);
+        again.reply = msg.reply.clone();
+        assert_eq!(bench.run(&pipeline, &mut again).await, Outcome::Completed);
+
+        assert_eq!(again.sent, first);
+        assert_eq!(bench.sender.attempts(), 1);
+        assert_eq!(bench.store.outbound()[0].status, OutboundStatus::Sent);
+        assert_eq!(bench.events.names(), [names::SEND_SKIPPED]);
+    }
+
+    #[tokio::test]
+    async fn refusal_that_cannot_be_recorded_is_retried_and_recorded_by_the_retry() {
+        let bench = TestBench::new();
+        let mut resources = bench.resources();
+        let store = Arc::new(FailsMarkingFailed { inner: bench.store.clone(), failing: true.into() });
+        resources.store = store.clone();
+        let pipeline = Pipeline {
+            tier: None,
+            stages: vec![StageSlot {
+                id: "send".into(),
+                kind: "send",
+                on_error: OnError::Closed,
+                timeout: std::time::Duration::from_secs(10),
+                fingerprint: String::new(),
+                stage: SendConfig::default().build(&resources).unwrap(),
+            }],
+        };
+        let mut msg = with_reply(&bench, "Bonjour !", ReplySource::Llm);
+        bench.clock.advance(2 * DAY);
+
+        let outcome = bench.run(&pipeline, &mut msg).await;
+        assert!(matches!(outcome, Outcome::Failed { retryable: true, .. }), "{outcome:?}");
+        assert_eq!(bench.store.outbound()[0].status, OutboundStatus::Pending);
+
+        store.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut again = bench.retry(&msg);
+        again.reply = msg.reply.clone();
+        let outcome = bench.run(&pipeline, &mut again).await;
+
+        assert!(matches!(outcome, Outcome::Dropped { .. }), "{outcome:?}");
+        assert_eq!(bench.sender.attempts(), 0);
+        assert_eq!(bench.store.outbound()[0].status, OutboundStatus::Failed);
+        assert_eq!(bench.store.outbound_failure(&bench.store.outbound()[0].id).as_deref(), Some(WINDOW_CLOSED));
+    }
+
+    /// The in-memory store, except that closing a row as failed fails while `failing` is set.
+    struct FailsMarkingFailed {
+        inner: Arc<MemoryStore>,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    #[engine::async_trait]
+    impl RelationalStore for FailsMarkingFailed {
+        async fn consume_monthly_quota(
+            &self,
+            tenant: &TenantId,
+            period: &str,
+            limit: u64,
+            message: &ProviderMessageId,
+        ) -> Result<QuotaDecision, PortError> {
+            self.inner.consume_monthly_quota(tenant, period, limit, message).await
+        }
+        async fn block_conversation_quota(&self, c: &ConversationId, b: &QuotaBlock) -> Result<(), PortError> {
+            self.inner.block_conversation_quota(c, b).await
+        }
+        async fn recent_messages(&self, c: &ConversationId, limit: usize) -> Result<Vec<HistoryMessage>, PortError> {
+            self.inner.recent_messages(c, limit).await
+        }
+        async fn search_knowledge(
+            &self,
+            tenant: &TenantId,
+            embedding: &[f32],
+            top_k: usize,
+            min_score: f32,
+        ) -> Result<Vec<KnowledgeChunk>, PortError> {
+            self.inner.search_knowledge(tenant, embedding, top_k, min_score).await
+        }
+        async fn begin_outbound(&self, outbound: &NewOutbound) -> Result<OutboundRecord, PortError> {
+            self.inner.begin_outbound(outbound).await
+        }
+        async fn mark_outbound_sent(&self, id: &str, sent: &ProviderMessageId) -> Result<(), PortError> {
+            self.inner.mark_outbound_sent(id, sent).await
+        }
+        async fn mark_outbound_failed(&self, id: &str, code: Option<&str>, reason: &str) -> Result<(), PortError> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(PortError::unavailable("postgres", "connection reset (test)"));
+            }
+            self.inner.mark_outbound_failed(id, code, reason).await
+        }
+    }
+
+    #[test]
+    fn a_window_longer_than_24h_is_warned_about() {
+        let long = SendConfig { window: ConfigDuration::from_secs(48 * 3600), ..SendConfig::default() };
+        let problems = long.check();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "window");
+        assert!(problems[0].warning);
+        assert!(SendConfig::default().check().is_empty());
+        assert!(engine::config::load_stage("kind = \"send\"\nwindow = \"0s\"", "t.toml").is_err());
+        assert!(engine::config::load_stage("kind = \"send\"\nwindow = 24", "t.toml").is_err());
     }
 }
