@@ -12,7 +12,7 @@ use engine::{
     reload::{Reloader, WatchHandle},
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use poem::{Server, listener::TcpAcceptor};
+use poem::{EndpointExt, Server, listener::TcpAcceptor};
 use redis::aio::ConnectionManager;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     http::{self, DependencyState, HttpState, Readiness, ReadyReport},
     kv::{self, RedisKv},
-    providers,
+    providers::{
+        self,
+        credentials::ChannelCredentialCache,
+        whatsapp::pacing::{PacedSender, RecipientPacing},
+    },
     queue::{DurableIntake, QueuedEvent, SpoolSink, leases::Leases, streams::Queue},
     settings::Settings,
     store::{self, PgStore},
@@ -63,6 +67,8 @@ pub struct App {
     pub reloader: Arc<Reloader>,
     pub resources: Resources,
     pub metrics: Option<PrometheusHandle>,
+    /// The channels' own credentials (360dialog webhook tokens, API keys), cached.
+    pub channel_credentials: Option<Arc<ChannelCredentialCache>>,
 }
 
 impl App {
@@ -78,13 +84,20 @@ impl App {
         }
         let store = PgStore::new(pool);
         let redis = kv::connect_lazy(&settings.redis_url).context("invalid REDIS_URL")?;
-        let providers = providers::build(&settings, events.clone()).context("cannot set up the providers")?;
+        let providers = providers::build_with(&settings, events.clone(), Some(Arc::new(store.clone())))
+            .context("cannot set up the providers")?;
+        providers::check_embedding_dimension(providers.embedder.as_ref(), store.pool())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        // Meta's limits: a bucket per business number, and pacing per recipient (never drops).
+        let sender: Arc<dyn engine::ports::OutboundSender> =
+            Arc::new(PacedSender::new(providers.sender, settings.whatsapp_send_rate, Some(RecipientPacing::default())));
         let resources = Resources {
             kv: Arc::new(RedisKv::new(redis.clone(), KV_TIMEOUT)),
             store: Arc::new(store.clone()),
             llm: providers.llm,
             embedder: providers.embedder,
-            sender: providers.sender,
+            sender,
             clock: Arc::new(SystemClock),
             events: events.clone(),
             pseudonym_key: Arc::from(settings.pseudonym_key()),
@@ -105,6 +118,7 @@ impl App {
             reloader: Arc::new(reloader),
             resources,
             metrics: prometheus(),
+            channel_credentials: providers.channel_credentials,
         })
     }
 
@@ -283,7 +297,11 @@ pub async fn start(app: App, role: Role, bind: SocketAddr, worker_id: String) ->
         let local = listener.local_addr()?;
         addr = Some(local);
         let acceptor = TcpAcceptor::from_tokio(listener)?;
-        let routes = http::routes(app.http_state());
+        // The webhook finds the channels' own tokens in the request data.
+        let routes = match &app.channel_credentials {
+            Some(cache) => http::routes(app.http_state()).data(cache.clone()).boxed(),
+            None => http::routes(app.http_state()),
+        };
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             let server = Server::new_with_acceptor(acceptor);

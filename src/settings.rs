@@ -39,12 +39,18 @@ pub enum LlmProvider {
     Local,
     /// Any OpenAI-compatible `/chat/completions` server.
     OpenAi,
+    /// Gemini on Google Cloud's Vertex AI (`generateContent`).
+    Vertex,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EmbeddingProvider {
     /// Feature-hashing embeddings (768 dimensions), no model needed.
     Hash,
+    /// Any OpenAI-compatible `/embeddings` server, asked for 768 dimensions.
+    OpenAi,
+    /// Vertex AI's text embeddings (`text-embedding-004`, 768 dimensions).
+    Vertex,
 }
 
 /// The level of the logs: the checklist's names (`fatal` is logged as `error`).
@@ -77,12 +83,29 @@ pub struct Settings {
     /// 360dialog webhooks carry this shared token in a header instead of a signature.
     pub whatsapp_webhook_token: Option<SecretString>,
     pub whatsapp_webhook_token_header: String,
+    /// Messages per second per business number (token bucket; a full bucket waits).
+    pub whatsapp_send_rate: std::num::NonZeroU32,
 
     pub llm_provider: LlmProvider,
     pub llm_base_url: Option<Url>,
     pub llm_api_key: Option<SecretString>,
     pub llm_model: Option<String>,
     pub embedding_provider: EmbeddingProvider,
+    /// `{EMBEDDING_BASE_URL}/embeddings` with EMBEDDING_PROVIDER=openai.
+    pub embedding_base_url: Option<Url>,
+    pub embedding_api_key: Option<SecretString>,
+    pub embedding_model: Option<String>,
+
+    /// Google Cloud, for LLM_PROVIDER=vertex and EMBEDDING_PROVIDER=vertex.
+    pub gcp_project_id: Option<String>,
+    /// The service-account JSON file the Vertex AI token is obtained with.
+    pub google_application_credentials: Option<PathBuf>,
+    pub vertex_ai_location: String,
+    /// Defaults to `https://{VERTEX_AI_LOCATION}-aiplatform.googleapis.com`; the clients append
+    /// `/v1/projects/...`.
+    pub vertex_ai_base_url: Url,
+    pub vertex_ai_model: String,
+    pub vertex_embedding_model: String,
 
     pub jwt_secret: SecretString,
     pub jwt_expires_in: Duration,
@@ -174,9 +197,22 @@ impl Settings {
             r.secret("WHATSAPP_WEBHOOK_TOKEN", whatsapp_provider == WhatsAppProvider::Dialog360, None);
         let whatsapp_webhook_token_header =
             r.get("WHATSAPP_WEBHOOK_TOKEN_HEADER").unwrap_or_else(|| "X-Webhook-Token".into());
+        if reqwest::header::HeaderName::from_bytes(whatsapp_webhook_token_header.as_bytes()).is_err() {
+            r.problem(format!(
+                "WHATSAPP_WEBHOOK_TOKEN_HEADER: expected an HTTP header name such as X-Webhook-Token, got `{whatsapp_webhook_token_header}`"
+            ));
+        }
 
-        let llm_provider =
-            r.choice("LLM_PROVIDER", "local", &[("local", LlmProvider::Local), ("openai", LlmProvider::OpenAi)]);
+        let whatsapp_send_rate = r.parse::<std::num::NonZeroU32>(
+            "WHATSAPP_SEND_RATE",
+            Some("80"),
+            "a whole number of messages per second (at least 1)",
+        );
+        let llm_provider = r.choice(
+            "LLM_PROVIDER",
+            "local",
+            &[("local", LlmProvider::Local), ("openai", LlmProvider::OpenAi), ("vertex", LlmProvider::Vertex)],
+        );
         let llm_needs_server = llm_provider == LlmProvider::OpenAi;
         let llm_base_url =
             if llm_needs_server || r.get("LLM_BASE_URL").is_some() { Some(r.url("LLM_BASE_URL", None)) } else { None };
@@ -185,7 +221,73 @@ impl Settings {
         if llm_needs_server && llm_model.is_none() {
             r.problem("LLM_MODEL: required with LLM_PROVIDER=openai (the model name the server expects)");
         }
-        let embedding_provider = r.choice("EMBEDDING_PROVIDER", "hash", &[("hash", EmbeddingProvider::Hash)]);
+        let embedding_provider = r.choice(
+            "EMBEDDING_PROVIDER",
+            "hash",
+            &[
+                ("hash", EmbeddingProvider::Hash),
+                ("openai", EmbeddingProvider::OpenAi),
+                ("vertex", EmbeddingProvider::Vertex),
+            ],
+        );
+        let embeddings_need_server = embedding_provider == EmbeddingProvider::OpenAi;
+        let embedding_base_url = if embeddings_need_server || r.get("EMBEDDING_BASE_URL").is_some() {
+            Some(r.url("EMBEDDING_BASE_URL", None))
+        } else {
+            None
+        };
+        let embedding_api_key = r.secret("EMBEDDING_API_KEY", false, None);
+        let embedding_model = r.get("EMBEDDING_MODEL");
+        if embeddings_need_server && embedding_model.is_none() {
+            r.problem("EMBEDDING_MODEL: required with EMBEDDING_PROVIDER=openai (the model name the server expects)");
+        }
+
+        let vertex_for = match (llm_provider == LlmProvider::Vertex, embedding_provider == EmbeddingProvider::Vertex) {
+            (true, _) => Some("LLM_PROVIDER=vertex"),
+            (false, true) => Some("EMBEDDING_PROVIDER=vertex"),
+            (false, false) => None,
+        };
+        let gcp_project_id = r.get("GCP_PROJECT_ID");
+        match (&gcp_project_id, vertex_for) {
+            (None, Some(provider)) => {
+                r.problem(format!("GCP_PROJECT_ID: required with {provider} (the Google Cloud project id)"))
+            }
+            // It becomes a path segment of every Vertex AI URL.
+            (Some(id), _) if !id.chars().all(|c| c.is_ascii_alphanumeric() || "-.:".contains(c)) => r.problem(format!(
+                "GCP_PROJECT_ID: expected a Google Cloud project id (letters, digits, '-', '.', ':'), got `{id}`"
+            )),
+            _ => {}
+        }
+        let google_application_credentials = r.get("GOOGLE_APPLICATION_CREDENTIALS").map(PathBuf::from);
+        match (&google_application_credentials, vertex_for) {
+            (None, Some(provider)) => r.problem(format!(
+                "GOOGLE_APPLICATION_CREDENTIALS: required with {provider} (the path of a service-account JSON key file)"
+            )),
+            // Only the path is shown: the file holds a private key.
+            (Some(path), Some(_)) if !path.is_file() => r.problem(format!(
+                "GOOGLE_APPLICATION_CREDENTIALS: `{}` is not a readable file (expected a service-account JSON key file)",
+                path.display()
+            )),
+            _ => {}
+        }
+        let vertex_ai_location = r.get("VERTEX_AI_LOCATION").unwrap_or_else(|| "us-central1".into()).to_lowercase();
+        // It becomes part of the default host name.
+        let location_ok =
+            !vertex_ai_location.is_empty() && vertex_ai_location.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !location_ok {
+            r.problem(format!(
+                "VERTEX_AI_LOCATION: expected a Google Cloud region such as us-central1 or europe-west1, got `{vertex_ai_location}`"
+            ));
+        }
+        let default_vertex_url = match vertex_ai_location.as_str() {
+            // The global endpoint has no regional prefix.
+            "global" => "https://aiplatform.googleapis.com".to_owned(),
+            _ if location_ok => format!("https://{vertex_ai_location}-aiplatform.googleapis.com"),
+            _ => "https://us-central1-aiplatform.googleapis.com".to_owned(),
+        };
+        let vertex_ai_base_url = r.url("VERTEX_AI_BASE_URL", Some(&default_vertex_url));
+        let vertex_ai_model = r.get("VERTEX_AI_MODEL").unwrap_or_else(|| "gemini-1.5-pro".into());
+        let vertex_embedding_model = r.get("VERTEX_EMBEDDING_MODEL").unwrap_or_else(|| "text-embedding-004".into());
 
         let jwt_set = r.get("JWT_SECRET").is_some() || dev;
         let jwt_secret = r
@@ -241,10 +343,14 @@ impl Settings {
                 r.problem("WHATSAPP_PROVIDER: `sandbox` is refused with APP_ENV=production; choose meta or 360dialog");
             }
             if llm_provider == LlmProvider::Local {
-                r.problem("LLM_PROVIDER: `local` is refused with APP_ENV=production; choose openai");
+                r.problem("LLM_PROVIDER: `local` is refused with APP_ENV=production; choose openai or vertex");
             }
             if jwt_set && jwt_secret.expose_secret() == DEV_JWT_SECRET {
                 r.problem("JWT_SECRET: the development secret is refused with APP_ENV=production");
+            }
+            // The only thing that authenticates a 360dialog webhook: it must not be guessable.
+            if whatsapp_webhook_token.as_ref().is_some_and(|t| t.expose_secret().chars().count() < 16) {
+                r.problem("WHATSAPP_WEBHOOK_TOKEN: must be at least 16 characters long with APP_ENV=production");
             }
         }
 
@@ -268,11 +374,21 @@ impl Settings {
             whatsapp_app_secret,
             whatsapp_webhook_token,
             whatsapp_webhook_token_header,
+            whatsapp_send_rate: whatsapp_send_rate.ok_or_else(missing)?,
             llm_provider,
             llm_base_url: llm_base_url.flatten(),
             llm_api_key,
             llm_model,
             embedding_provider,
+            embedding_base_url: embedding_base_url.flatten(),
+            embedding_api_key,
+            embedding_model,
+            gcp_project_id,
+            google_application_credentials,
+            vertex_ai_location,
+            vertex_ai_base_url: vertex_ai_base_url.ok_or_else(missing)?,
+            vertex_ai_model,
+            vertex_embedding_model,
             jwt_secret,
             jwt_expires_in: jwt_expires_in.ok_or_else(missing)?,
             log_level,
@@ -475,5 +591,129 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.problems.len(), 1, "{err}");
         assert!(err.problems[0].starts_with("WHATSAPP_PROVIDER: `sandbox` is refused"));
+    }
+
+    #[test]
+    fn vertex_needs_a_project_and_a_service_account_file() {
+        let err = Settings::from_vars(vars(&[
+            ("LLM_PROVIDER", "vertex"),
+            ("EMBEDDING_PROVIDER", "vertex"),
+            ("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/sa.json"),
+            ("GCP_PROJECT_ID", "my project/../x"),
+            ("VERTEX_AI_LOCATION", "europe west1"),
+        ]))
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "GCP_PROJECT_ID: expected a Google Cloud project id",
+            "GOOGLE_APPLICATION_CREDENTIALS: `/nonexistent/sa.json` is not a readable file",
+            "VERTEX_AI_LOCATION: expected a Google Cloud region",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+
+        let err = Settings::from_vars(vars(&[("EMBEDDING_PROVIDER", "vertex")])).unwrap_err();
+        assert!(err.to_string().contains("GCP_PROJECT_ID: required with EMBEDDING_PROVIDER=vertex"), "{err}");
+        assert!(err.to_string().contains("GOOGLE_APPLICATION_CREDENTIALS: required with EMBEDDING_PROVIDER=vertex"));
+    }
+
+    #[test]
+    fn vertex_url_follows_the_location_unless_set() {
+        let key = tempfile::NamedTempFile::new().unwrap();
+        let key_path = key.path().display().to_string();
+        let with = |extra: &[(&str, &str)]| {
+            let mut pairs = vec![
+                ("LLM_PROVIDER", "vertex"),
+                ("GCP_PROJECT_ID", "my-project"),
+                ("GOOGLE_APPLICATION_CREDENTIALS", key_path.as_str()),
+            ];
+            pairs.extend_from_slice(extra);
+            Settings::from_vars(vars(&pairs)).unwrap()
+        };
+
+        let default = with(&[]);
+        assert_eq!(default.vertex_ai_location, "us-central1");
+        assert_eq!(default.vertex_ai_base_url.as_str(), "https://us-central1-aiplatform.googleapis.com/");
+        assert_eq!(default.vertex_ai_model, "gemini-1.5-pro");
+        assert_eq!(default.vertex_embedding_model, "text-embedding-004");
+        let europe = with(&[("VERTEX_AI_LOCATION", "europe-west1")]);
+        assert_eq!(europe.vertex_ai_base_url.as_str(), "https://europe-west1-aiplatform.googleapis.com/");
+        let global = with(&[("VERTEX_AI_LOCATION", "global")]);
+        assert_eq!(global.vertex_ai_base_url.as_str(), "https://aiplatform.googleapis.com/");
+        let proxy = with(&[("VERTEX_AI_BASE_URL", "http://127.0.0.1:8080/vertex")]);
+        assert_eq!(proxy.vertex_ai_base_url.as_str(), "http://127.0.0.1:8080/vertex");
+        assert_eq!(proxy.llm_provider, LlmProvider::Vertex);
+    }
+
+    #[test]
+    fn openai_embeddings_need_a_url_and_a_model() {
+        let err = Settings::from_vars(vars(&[("EMBEDDING_PROVIDER", "openai"), ("EMBEDDING_API_KEY", "sk-hidden")]))
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("EMBEDDING_BASE_URL: required"), "{text}");
+        assert!(text.contains("EMBEDDING_MODEL: required with EMBEDDING_PROVIDER=openai"), "{text}");
+        assert!(!text.contains("sk-hidden"));
+
+        let s = Settings::from_vars(vars(&[
+            ("EMBEDDING_PROVIDER", "openai"),
+            ("EMBEDDING_BASE_URL", "https://api.openai.com/v1"),
+            ("EMBEDDING_MODEL", "text-embedding-3-small"),
+        ]))
+        .unwrap();
+        assert_eq!(s.embedding_provider, EmbeddingProvider::OpenAi);
+        assert!(s.embedding_api_key.is_none());
+    }
+
+    #[test]
+    fn production_refuses_a_short_webhook_token() {
+        let production = |token: &str| {
+            Settings::from_vars(vars(&[
+                ("APP_ENV", "production"),
+                ("DATABASE_URL", "postgres://db/parley"),
+                ("REDIS_URL", "redis://cache"),
+                ("JWT_SECRET", "0123456789abcdef0123456789abcdef-prod"),
+                ("WHATSAPP_VERIFY_TOKEN", "v"),
+                ("WHATSAPP_PROVIDER", "360dialog"),
+                ("WHATSAPP_API_KEY", "k"),
+                ("WHATSAPP_WEBHOOK_TOKEN", token),
+                ("LLM_PROVIDER", "openai"),
+                ("LLM_BASE_URL", "http://127.0.0.1:9/v1"),
+                ("LLM_MODEL", "m"),
+            ]))
+        };
+
+        let err = production("short-tok").unwrap_err();
+        assert_eq!(
+            err.problems,
+            ["WHATSAPP_WEBHOOK_TOKEN: must be at least 16 characters long with APP_ENV=production"]
+        );
+        assert!(!err.to_string().contains("short-tok"));
+        assert!(production("a-long-enough-webhook-token").is_ok());
+    }
+
+    #[test]
+    fn dialog360_needs_its_key_and_webhook_token_and_a_valid_header_name() {
+        let err = Settings::from_vars(vars(&[
+            ("WHATSAPP_PROVIDER", "360dialog"),
+            ("WHATSAPP_WEBHOOK_TOKEN_HEADER", "X Webhook: Token"),
+        ]))
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "WHATSAPP_API_KEY: required",
+            "WHATSAPP_WEBHOOK_TOKEN: required",
+            "WHATSAPP_WEBHOOK_TOKEN_HEADER: expected an HTTP header name",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+
+        let s = Settings::from_vars(vars(&[
+            ("WHATSAPP_PROVIDER", "360dialog"),
+            ("WHATSAPP_API_KEY", "k"),
+            ("WHATSAPP_WEBHOOK_TOKEN", "t"),
+        ]))
+        .unwrap();
+        assert_eq!(s.whatsapp_api_url.as_str(), "https://waba-v2.360dialog.io/");
+        assert_eq!(s.whatsapp_webhook_token_header, "X-Webhook-Token");
     }
 }

@@ -1,5 +1,5 @@
 //! A fake provider for the clients' tests: a real HTTP server on loopback (port 0) that records every
-//! request it receives and answers each with the same canned reply.
+//! request it receives and answers each with a canned reply (the same one, or the next of a list).
 
 use std::{
     collections::BTreeMap,
@@ -33,6 +33,8 @@ pub struct Recorded {
     pub headers: BTreeMap<String, String>,
     /// The body as JSON, `Null` when it is not JSON.
     pub body: Value,
+    /// The body as text (form-encoded bodies, for instance).
+    pub raw: String,
 }
 
 impl Recorded {
@@ -50,11 +52,18 @@ pub struct FakeServer {
 
 impl FakeServer {
     pub async fn start(reply: FakeReply) -> Self {
+        Self::start_sequence(vec![reply]).await
+    }
+
+    /// Answers the n-th request with `replies[n]`, and every request after the last with the last.
+    pub async fn start_sequence(replies: Vec<FakeReply>) -> Self {
+        assert!(!replies.is_empty(), "at least one reply");
         let requests = Arc::new(Mutex::new(Vec::new()));
         let seen = requests.clone();
+        let replies = Arc::new(replies);
         let endpoint = poem::endpoint::make(move |req: Request| {
             let seen = seen.clone();
-            let reply = reply.clone();
+            let replies = replies.clone();
             async move {
                 let method = req.method().to_string();
                 let path = req.uri().path().to_owned();
@@ -65,7 +74,12 @@ impl FakeServer {
                     .collect();
                 let bytes = req.into_body().into_bytes().await.unwrap_or_default();
                 let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                seen.lock().unwrap().push(Recorded { method, path, headers, body });
+                let raw = String::from_utf8_lossy(&bytes).into_owned();
+                let reply = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(Recorded { method, path, headers, body, raw });
+                    replies[(seen.len() - 1).min(replies.len() - 1)].clone()
+                };
                 match reply {
                     FakeReply::Json(status, json) => Response::builder()
                         .status(StatusCode::from_u16(status).unwrap())
@@ -109,4 +123,13 @@ impl Drop for FakeServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A loopback URL where nothing listens: connecting is refused at once, before any request is
+/// sent. The port was free a moment ago (bound then released).
+pub fn refusing_url() -> Url {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("local address");
+    drop(listener);
+    Url::parse(&format!("http://{addr}")).expect("loopback URL")
 }

@@ -21,6 +21,12 @@ impl HttpTimeouts {
     pub const WHATSAPP: Self = Self { connect: Duration::from_secs(3), total: Duration::from_secs(8) };
     /// Chat completions: the `llm` stage allows 30 s by default.
     pub const LLM: Self = Self { connect: Duration::from_secs(3), total: Duration::from_secs(25) };
+    /// The embedding of a question: the `rag-retrieve` stage allows 3 s, and fails open.
+    pub const EMBED_QUERY: Self = Self { connect: Duration::from_secs(1), total: Duration::from_millis(2500) };
+    /// The embedding of document chunks during ingestion, in batches: no user is waiting.
+    pub const EMBED_DOCUMENTS: Self = Self { connect: Duration::from_secs(3), total: Duration::from_secs(60) };
+    /// An OAuth token request (Google's token endpoint), made once an hour.
+    pub const OAUTH: Self = Self { connect: Duration::from_secs(3), total: Duration::from_secs(10) };
 }
 
 /// The user agent every outbound call sends: providers' support asks for it.

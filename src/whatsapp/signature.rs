@@ -1,6 +1,9 @@
 //! Webhook authentication: Meta's `X-Hub-Signature-256` (HMAC-SHA256 of the raw body with the
-//! app secret) and 360dialog's shared header token. Every comparison runs in constant time, so that
+//! app secret) and 360dialog's shared header token, with the business numbers a body names (whose
+//! channels may each have their own token). Every comparison runs in constant time, so that
 //! response timing tells an attacker nothing about how close a guess was.
+
+use std::collections::BTreeSet;
 
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
@@ -83,6 +86,35 @@ pub fn verify_header_token(expected: Option<&SecretString>, provided: Option<&st
     } else {
         Err(SignatureError::WrongToken)
     }
+}
+
+/// The business numbers a webhook body names (`entry[].changes[].value.metadata.phone_number_id`),
+/// each once, in order; `""` stands for a change that names none, and for a body that is not a
+/// webhook at all, so that something is always authenticated. A 360dialog body must carry the token
+/// of every channel it names (the channel's own, else the global one).
+pub fn channels_named(body: &[u8]) -> BTreeSet<String> {
+    let mut named = BTreeSet::new();
+    let root = serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
+    let changes = root
+        .get("entry")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.get("changes").and_then(serde_json::Value::as_array))
+        .flatten();
+    for change in changes {
+        let number = change
+            .get("value")
+            .and_then(|v| v.get("metadata"))
+            .and_then(|m| m.get("phone_number_id"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default();
+        named.insert(number.to_owned());
+    }
+    if named.is_empty() {
+        named.insert(String::new());
+    }
+    named
 }
 
 /// Compares two byte strings in time independent of their content and of their lengths: both are
@@ -168,6 +200,24 @@ mod tests {
         assert_eq!(verify_header_token(Some(&s), Some("shared-tokeN")), Err(SignatureError::WrongToken));
         assert_eq!(verify_header_token(Some(&s), None), Err(SignatureError::MissingToken));
         assert_eq!(verify_header_token(None, Some("shared-token")), Err(SignatureError::NotConfigured));
+    }
+
+    #[test]
+    fn channels_named_lists_every_business_number_once() {
+        let change = |pnid: Option<&str>| match pnid {
+            Some(p) => serde_json::json!({"field": "messages", "value": {"metadata": {"phone_number_id": p}}}),
+            None => serde_json::json!({"field": "messages", "value": {"messages": []}}),
+        };
+        let body = serde_json::json!({"object": "whatsapp_business_account", "entry": [
+            {"changes": [change(Some("PN-B")), change(Some("PN-A"))]},
+            {"changes": [change(Some("PN-B")), change(None)]},
+        ]});
+        let named: Vec<String> = channels_named(body.to_string().as_bytes()).into_iter().collect();
+        assert_eq!(named, ["", "PN-A", "PN-B"]);
+
+        for not_a_webhook in [&b"garbage"[..], b"{}", br#"{"object":"x","entry":[]}"#] {
+            assert_eq!(channels_named(not_a_webhook).into_iter().collect::<Vec<_>>(), [""]);
+        }
     }
 
     #[test]

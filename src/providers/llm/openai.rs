@@ -1,6 +1,8 @@
 //! The OpenAI-compatible chat client: `POST {LLM_BASE_URL}/chat/completions`, which OpenAI, Azure
 //! OpenAI's compatible endpoint, vLLM, Ollama, LiteLLM and most gateways serve.
 
+use std::time::Duration;
+
 use engine::{
     async_trait,
     masking::mask_phones_in,
@@ -14,6 +16,7 @@ use url::Url;
 use crate::providers::{
     ProviderError,
     http_client::{transport_error, truncate},
+    retry::{AttemptError, Retries},
 };
 
 /// The service name in this client's errors.
@@ -29,6 +32,7 @@ pub struct OpenAiLlm {
     api_key: Option<SecretString>,
     /// `LLM_MODEL`: asked for when the request names no model.
     default_model: String,
+    retries: Retries,
 }
 
 impl OpenAiLlm {
@@ -38,6 +42,7 @@ impl OpenAiLlm {
         base_url: &Url,
         api_key: Option<SecretString>,
         default_model: String,
+        retries: Retries,
     ) -> Result<Self, ProviderError> {
         let mut completions_url = base_url.clone();
         completions_url
@@ -48,7 +53,7 @@ impl OpenAiLlm {
             .push("completions");
         // A key that is set but blank would send `Bearer ` and be refused: treat it as unset.
         let api_key = api_key.filter(|k| !k.expose_secret().trim().is_empty());
-        Ok(Self { client, completions_url, api_key, default_model })
+        Ok(Self { client, completions_url, api_key, default_model, retries })
     }
 }
 
@@ -121,7 +126,24 @@ impl Llm for OpenAiLlm {
             temperature: request.temperature,
             max_tokens: request.max_tokens,
         };
-        let mut call = self.client.post(self.completions_url.clone()).json(&body);
+        // A completion can be asked again: the only cost of a retry is its tokens.
+        let body = &body;
+        self.retries
+            .run(&|event| event.with("model", model), |timeout| async move {
+                self.attempt(body, model, timeout).await.map_err(AttemptError::idempotent)
+            })
+            .await
+    }
+}
+
+impl OpenAiLlm {
+    async fn attempt(
+        &self,
+        body: &CompletionRequest<'_>,
+        model: &str,
+        timeout: Duration,
+    ) -> Result<LlmResponse, PortError> {
+        let mut call = self.client.post(self.completions_url.clone()).json(body).timeout(timeout);
         if let Some(key) = &self.api_key {
             call = call.bearer_auth(key.expose_secret());
         }
@@ -129,7 +151,7 @@ impl Llm for OpenAiLlm {
         let status = response.status().as_u16();
         let bytes = response.bytes().await.map_err(|e| transport_error(SERVICE, e))?;
         if !(200..300).contains(&status) {
-            return Err(self.error_from_body(status, &bytes));
+            return Err(openai_error(SERVICE, status, &bytes, self.api_key.as_ref()));
         }
 
         let parsed: CompletionResponse = serde_json::from_slice(&bytes).map_err(|_| {
@@ -171,39 +193,43 @@ impl Llm for OpenAiLlm {
     }
 }
 
-impl OpenAiLlm {
-    /// Throttling, timeouts and server errors are retried; any other refusal (bad model, bad
-    /// key, request too long) would be refused again. The message never holds the key or an
-    /// unmasked phone number (servers quote the prompt in some errors).
-    fn error_from_body(&self, status: u16, body: &[u8]) -> PortError {
-        let parsed = serde_json::from_slice::<ErrorEnvelope>(body).ok().map(|e| e.error);
-        let provider_code = parsed.as_ref().and_then(|e| match &e.code {
-            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        });
-        let text = match &parsed {
-            Some(error) => {
-                let mut text = error.message.clone().unwrap_or_default();
-                if let Some(kind) = error.kind.as_deref().filter(|k| !k.is_empty()) {
-                    text.push_str(&format!(" [{kind}]"));
-                }
-                text
+/// The error of an OpenAI-compatible server (chat or embeddings), classified: throttling,
+/// timeouts and server errors are retried; any other refusal (bad model, bad key, request too
+/// long) would be refused again. The message never holds the key or an unmasked phone number
+/// (servers quote the prompt in some errors).
+pub(crate) fn openai_error(
+    service: &'static str,
+    status: u16,
+    body: &[u8],
+    api_key: Option<&SecretString>,
+) -> PortError {
+    let parsed = serde_json::from_slice::<ErrorEnvelope>(body).ok().map(|e| e.error);
+    let provider_code = parsed.as_ref().and_then(|e| match &e.code {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    });
+    let text = match &parsed {
+        Some(error) => {
+            let mut text = error.message.clone().unwrap_or_default();
+            if let Some(kind) = error.kind.as_deref().filter(|k| !k.is_empty()) {
+                text.push_str(&format!(" [{kind}]"));
             }
-            None => truncate(&String::from_utf8_lossy(body), 200),
-        };
-        let message =
-            if text.trim().is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {}", text.trim()) };
-        let message = match &self.api_key {
-            Some(key) => message.replace(key.expose_secret(), "[redacted]"),
-            None => message,
-        };
-        let message = truncate(&mask_phones_in(&message), MAX_PROVIDER_TEXT);
-        let code = Some(provider_code.unwrap_or_else(|| format!("http_{status}")));
-        match status {
-            408 | 409 | 429 | 500..=599 => PortError { code, ..PortError::unavailable(SERVICE, message) },
-            _ => PortError::permanent(SERVICE, code, message),
+            text
         }
+        None => truncate(&String::from_utf8_lossy(body), 200),
+    };
+    let message =
+        if text.trim().is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {}", text.trim()) };
+    let message = match api_key {
+        Some(key) => message.replace(key.expose_secret(), "[redacted]"),
+        None => message,
+    };
+    let message = truncate(&mask_phones_in(&message), MAX_PROVIDER_TEXT);
+    let code = Some(provider_code.unwrap_or_else(|| format!("http_{status}")));
+    match status {
+        408 | 409 | 429 | 500..=599 => PortError { code, ..PortError::unavailable(service, message) },
+        _ => PortError::permanent(service, code, message),
     }
 }
 
@@ -211,25 +237,41 @@ impl OpenAiLlm {
 mod tests {
     use std::time::Duration;
 
-    use engine::ports::{ChatRole, PortErrorKind};
+    use std::sync::Arc;
+
+    use engine::{
+        events::{MemoryEvents, names},
+        ports::{ChatRole, PortErrorKind},
+    };
     use serde_json::json;
 
     use super::*;
     use crate::providers::{
         fake_http::{FakeReply, FakeServer},
         http_client::{self, HttpTimeouts},
+        retry::RetryPolicy,
     };
 
     const KEY: &str = "sk-test-secret-key";
 
-    fn llm(server: &FakeServer, key: Option<&str>, timeouts: HttpTimeouts) -> OpenAiLlm {
+    fn llm_logging_to(
+        server: &FakeServer,
+        key: Option<&str>,
+        timeouts: HttpTimeouts,
+        events: &MemoryEvents,
+    ) -> OpenAiLlm {
         OpenAiLlm::new(
             http_client::build(timeouts).expect("client"),
             &server.base("/v1"),
             key.map(SecretString::from),
             "gpt-4o-mini".into(),
+            Retries::new(RetryPolicy::fast(timeouts.total), Arc::new(events.clone())),
         )
         .expect("base URL")
+    }
+
+    fn llm(server: &FakeServer, key: Option<&str>, timeouts: HttpTimeouts) -> OpenAiLlm {
+        llm_logging_to(server, key, timeouts, &MemoryEvents::new())
     }
 
     fn request(model: Option<&str>) -> LlmRequest {
@@ -403,5 +445,40 @@ mod tests {
 
         assert!(error.is_retryable(), "{error:?}");
         assert_eq!(error.code.as_deref(), Some("timeout"));
+        assert_eq!(server.requests().len(), 1, "no time was left for another attempt");
+    }
+
+    #[tokio::test]
+    async fn overloaded_server_is_asked_again_and_the_retry_logged() {
+        let server = FakeServer::start_sequence(vec![
+            FakeReply::Json(503, json!({"error": {"message": "overloaded", "type": "server_error"}})),
+            FakeReply::Json(200, completion("Bonjour !")),
+        ])
+        .await;
+        let events = MemoryEvents::new();
+
+        let answer = llm_logging_to(&server, Some(KEY), HttpTimeouts::LLM, &events)
+            .complete(&request(None))
+            .await
+            .expect("answered on the second attempt");
+
+        assert_eq!(answer.text, "Bonjour !");
+        assert_eq!(server.requests().len(), 2);
+        let retried = events.named(names::PROVIDER_CALL_RETRIED);
+        assert_eq!(retried.len(), 1);
+        assert_eq!(retried[0].field("service"), Some(&json!("llm")));
+        assert_eq!(retried[0].field("model"), Some(&json!("gpt-4o-mini")));
+        assert_eq!(retried[0].field("code"), Some(&json!("http_503")));
+    }
+
+    #[tokio::test]
+    async fn bad_request_is_asked_once() {
+        let server = FakeServer::start(FakeReply::Json(400, json!({"error": {"message": "bad"}}))).await;
+        let events = MemoryEvents::new();
+
+        llm_logging_to(&server, Some(KEY), HttpTimeouts::LLM, &events).complete(&request(None)).await.expect_err("bad");
+
+        assert_eq!(server.requests().len(), 1);
+        assert!(events.all().is_empty());
     }
 }

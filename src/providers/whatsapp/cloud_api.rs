@@ -1,8 +1,19 @@
 //! The WhatsApp Cloud API wire format, shared by every provider that speaks it (Meta directly,
-//! 360dialog as a proxy of it): the text message body, the answer with the sent message's id, and
-//! the error body with its codes classified retryable or permanent.
+//! 360dialog as a proxy of it): the text message body, the answer with the sent message's id, the
+//! error body with its codes classified retryable or permanent, and the sending itself with its
+//! retries.
+//!
+//! A send is retried within the call only when the provider certainly did not accept the message,
+//! since a retry after an acceptance delivers the reply twice: the connection could not be made
+//! (nothing was sent), the answer is 429 (refused for throughput), or the provider itself answered
+//! with a Cloud API error whose code is transient. A timeout, a cut connection, or a 5xx page from
+//! a proxy (502/504 may hide an accepted send) is not retried here; it stays a retryable error for
+//! the job, which decides with its own backoff.
+
+use std::time::Duration;
 
 use engine::{
+    events::Event,
     ids::ProviderMessageId,
     masking::mask_phones_in,
     ports::{OutboundText, PortError, PortErrorKind},
@@ -13,7 +24,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use url::Url;
 
-use crate::providers::http_client::{transport_error, truncate};
+use crate::providers::{
+    http_client::{transport_error, truncate},
+    retry::{AttemptError, Retries},
+};
 
 /// Meta codes worth retrying: throttling, and the platform's own transient failures.
 const RETRYABLE_CODES: &[i64] = &[
@@ -125,56 +139,89 @@ struct ErrorData {
 /// The longest provider text kept in an error message.
 const MAX_PROVIDER_TEXT: usize = 400;
 
-/// Sends one text message to a Cloud API `messages` endpoint, authenticated by `auth_header`
-/// (whose value holds `secret`), and maps the answer to the sent message's id or a classified
-/// error. `service` names the provider in errors (`meta`, `360dialog`).
-pub(crate) async fn send_text(
-    client: &reqwest::Client,
+/// Sends to a Cloud API `messages` endpoint: one HTTP client (a connection pool) and the retry
+/// policy, shared by every channel of a provider.
+#[derive(Debug, Clone)]
+pub(crate) struct CloudApiClient {
+    client: reqwest::Client,
+    /// Names the provider in errors and events (`meta`, `360dialog`).
     service: &'static str,
-    url: Url,
-    auth_header: (HeaderName, String),
-    secret: &SecretString,
-    message: &OutboundText,
-) -> Result<ProviderMessageId, PortError> {
-    let (name, value) = auth_header;
-    let mut value = HeaderValue::from_str(&value)
-        .map_err(|_| PortError::permanent(service, None, "the API key is not a valid HTTP header value"))?;
-    // Keeps the key out of any debug print of the request.
-    value.set_sensitive(true);
-
-    let response = client
-        .post(url)
-        .header(name, value)
-        .json(&text_body(message))
-        .send()
-        .await
-        .map_err(|e| transport_error(service, e))?;
-    let status = response.status().as_u16();
-    let bytes = response.bytes().await.map_err(|e| transport_error(service, e))?;
-
-    if (200..300).contains(&status) {
-        return match serde_json::from_slice::<SentBody>(&bytes) {
-            Ok(SentBody { messages }) if messages.first().is_some_and(|m| !m.id.is_empty()) => {
-                Ok(ProviderMessageId::new(messages[0].id.clone()))
-            }
-            // The provider accepted the message, so it is probably on its way: a retry could
-            // deliver it twice. Permanent, so that the row is closed and an operator looks.
-            _ => Err(PortError::permanent(
-                service,
-                Some("invalid_response".into()),
-                format!(
-                    "HTTP {status}: the provider accepted the message but its answer has no message id; \
-                     not retried, to avoid a duplicate"
-                ),
-            )),
-        };
-    }
-    Err(error_from_body(service, status, &bytes, secret))
+    retries: Retries,
 }
 
-/// Builds the classified error for a non-2xx answer. The message never holds the API key or an
-/// unmasked phone number, whatever the provider wrote.
-fn error_from_body(service: &'static str, status: u16, body: &[u8], secret: &SecretString) -> PortError {
+impl CloudApiClient {
+    pub(crate) fn new(client: reqwest::Client, service: &'static str, retries: Retries) -> Self {
+        Self { client, service, retries }
+    }
+
+    /// Sends one text message to `url`, authenticated by `auth_header` (whose value holds
+    /// `secret`), and maps the answer to the sent message's id or a classified error.
+    pub(crate) async fn send_text(
+        &self,
+        url: Url,
+        auth_header: (HeaderName, String),
+        secret: &SecretString,
+        message: &OutboundText,
+    ) -> Result<ProviderMessageId, PortError> {
+        let (name, value) = auth_header;
+        let mut value = HeaderValue::from_str(&value)
+            .map_err(|_| PortError::permanent(self.service, None, "the API key is not a valid HTTP header value"))?;
+        // Keeps the key out of any debug print of the request.
+        value.set_sensitive(true);
+        let body = text_body(message);
+        let describe = |event: Event| {
+            event
+                .with("channelId", message.channel.id.as_str())
+                .with("providerMessageId", message.reply_to.as_ref().map(ProviderMessageId::as_str))
+        };
+        self.retries.run(&describe, |timeout| self.attempt(&url, (&name, &value), &body, secret, timeout)).await
+    }
+
+    async fn attempt(
+        &self,
+        url: &Url,
+        (name, value): (&HeaderName, &HeaderValue),
+        body: &Value,
+        secret: &SecretString,
+        timeout: Duration,
+    ) -> Result<ProviderMessageId, AttemptError> {
+        let service = self.service;
+        let response =
+            match self.client.post(url.clone()).header(name, value.clone()).json(body).timeout(timeout).send().await {
+                Ok(response) => response,
+                // Only a connection that was never made certainly carried nothing.
+                Err(e) => return Err(AttemptError { retry: e.is_connect(), error: transport_error(service, e) }),
+            };
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.map_err(|e| AttemptError::final_(transport_error(service, e)))?;
+
+        if (200..300).contains(&status) {
+            return match serde_json::from_slice::<SentBody>(&bytes) {
+                Ok(SentBody { messages }) if messages.first().is_some_and(|m| !m.id.is_empty()) => {
+                    Ok(ProviderMessageId::new(messages[0].id.clone()))
+                }
+                // The provider accepted the message, so it is probably on its way: a retry could
+                // deliver it twice. Permanent, so that the row is closed and an operator looks.
+                _ => Err(AttemptError::final_(PortError::permanent(
+                    service,
+                    Some("invalid_response".into()),
+                    format!(
+                        "HTTP {status}: the provider accepted the message but its answer has no message id; \
+                         not retried, to avoid a duplicate"
+                    ),
+                ))),
+            };
+        }
+        let (error, answered_by_provider) = error_from_body(service, status, &bytes, secret);
+        let retry = error.is_retryable() && (status == 429 || answered_by_provider);
+        Err(AttemptError { error, retry })
+    }
+}
+
+/// Builds the classified error for a non-2xx answer, and says whether the provider itself
+/// answered (a Cloud API error with a code, rather than a proxy's page). The message never holds
+/// the API key or an unmasked phone number, whatever the provider wrote.
+fn error_from_body(service: &'static str, status: u16, body: &[u8], secret: &SecretString) -> (PortError, bool) {
     let parsed = serde_json::from_slice::<ErrorEnvelope>(body).ok().map(|e| e.error);
     let meta_code = parsed.as_ref().and_then(|e| e.code);
     let text = match &parsed {
@@ -184,7 +231,7 @@ fn error_from_body(service: &'static str, status: u16, body: &[u8], secret: &Sec
     let message = if text.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {text}") };
     let message = truncate(&mask_phones_in(&redact(&message, secret)), MAX_PROVIDER_TEXT);
     let code = Some(meta_code.map_or_else(|| format!("http_{status}"), |c| c.to_string()));
-    PortError { service, kind: classify(status, meta_code), code, message }
+    (PortError { service, kind: classify(status, meta_code), code, message }, meta_code.is_some())
 }
 
 fn describe(error: &CloudApiError) -> String {
@@ -260,9 +307,10 @@ mod tests {
     fn error_text_without_json_is_kept_short_and_masked() {
         let secret = SecretString::from("secret-key");
         let body = format!("<html>bad gateway for 33612345678 with secret-key{}</html>", "x".repeat(500));
-        let error = error_from_body("meta", 502, body.as_bytes(), &secret);
+        let (error, answered_by_provider) = error_from_body("meta", 502, body.as_bytes(), &secret);
 
         assert!(error.is_retryable());
+        assert!(!answered_by_provider, "a proxy's page may hide an accepted send");
         assert_eq!(error.code.as_deref(), Some("http_502"));
         assert!(error.message.chars().count() <= MAX_PROVIDER_TEXT + 1, "{}", error.message);
         assert!(!error.message.contains("33612345678") && !error.message.contains("secret-key"), "{}", error.message);

@@ -12,21 +12,27 @@ use reqwest::header::AUTHORIZATION;
 use secrecy::ExposeSecret;
 use url::Url;
 
-use super::{CredentialSource, cloud_api};
+use super::{CredentialSource, cloud_api::CloudApiClient};
+use crate::providers::retry::Retries;
 
 /// The service name in this sender's errors.
 pub const SERVICE: &str = "meta";
 
 pub struct MetaSender {
-    client: reqwest::Client,
+    api: CloudApiClient,
     /// Includes the Graph API version, e.g. `https://graph.facebook.com/v21.0`.
     base_url: Url,
     credentials: Arc<dyn CredentialSource>,
 }
 
 impl MetaSender {
-    pub fn new(client: reqwest::Client, base_url: Url, credentials: Arc<dyn CredentialSource>) -> Self {
-        Self { client, base_url, credentials }
+    pub fn new(
+        client: reqwest::Client,
+        base_url: Url,
+        credentials: Arc<dyn CredentialSource>,
+        retries: Retries,
+    ) -> Self {
+        Self { api: CloudApiClient::new(client, SERVICE, retries), base_url, credentials }
     }
 
     /// `{base}/{phone_number_id}/messages`, the id escaped as one path segment.
@@ -48,11 +54,11 @@ impl MetaSender {
 impl OutboundSender for MetaSender {
     async fn send_text(&self, message: &OutboundText) -> Result<ProviderMessageId, PortError> {
         let url = self.messages_url(&message.channel.phone_number_id)?;
-        let key = self.credentials.api_key(&message.channel).ok_or_else(|| {
+        let key = self.credentials.api_key(&message.channel).await?.ok_or_else(|| {
             PortError::permanent(SERVICE, Some("no_api_key".into()), "no API key for this channel (WHATSAPP_API_KEY)")
         })?;
         let header = (AUTHORIZATION, format!("Bearer {}", key.expose_secret()));
-        cloud_api::send_text(&self.client, SERVICE, url, header, &key, message).await
+        self.api.send_text(url, header, &key, message).await
     }
 }
 
@@ -61,6 +67,7 @@ mod tests {
     use std::time::Duration;
 
     use engine::{
+        events::{MemoryEvents, names},
         ids::{ChannelId, PhoneNumber},
         message::ChannelInfo,
         ports::PortErrorKind,
@@ -70,20 +77,30 @@ mod tests {
 
     use super::*;
     use crate::providers::{
-        fake_http::{FakeReply, FakeServer},
+        fake_http::{FakeReply, FakeServer, refusing_url},
         http_client::{self, HttpTimeouts},
+        retry::RetryPolicy,
         whatsapp::GlobalApiKey,
     };
 
     const KEY: &str = "EAAG-test-api-key";
     const PHONE: &str = "33612345678";
 
-    fn sender(server: &FakeServer, timeouts: HttpTimeouts) -> MetaSender {
+    fn retries(timeouts: HttpTimeouts, events: &MemoryEvents) -> Retries {
+        Retries::new(RetryPolicy::fast(timeouts.total), Arc::new(events.clone()))
+    }
+
+    fn sender_at(base: Url, timeouts: HttpTimeouts, events: &MemoryEvents) -> MetaSender {
         MetaSender::new(
             http_client::build(timeouts).expect("client"),
-            server.base("/v21.0"),
+            base,
             Arc::new(GlobalApiKey::new(Some(SecretString::from(KEY)))),
+            retries(timeouts, events),
         )
+    }
+
+    fn sender(server: &FakeServer, timeouts: HttpTimeouts) -> MetaSender {
+        sender_at(server.base("/v21.0"), timeouts, &MemoryEvents::new())
     }
 
     fn reply(reply_to: Option<&str>) -> OutboundText {
@@ -172,9 +189,10 @@ mod tests {
     #[tokio::test]
     async fn channel_key_from_the_credential_source_is_used() {
         struct PerChannel;
+        #[engine::async_trait]
         impl CredentialSource for PerChannel {
-            fn api_key(&self, channel: &ChannelInfo) -> Option<SecretString> {
-                Some(SecretString::from(format!("key-of-{}", channel.id)))
+            async fn api_key(&self, channel: &ChannelInfo) -> Result<Option<SecretString>, PortError> {
+                Ok(Some(SecretString::from(format!("key-of-{}", channel.id))))
             }
         }
         let server = FakeServer::start(FakeReply::Json(200, json!({"messages": [{"id": "wamid.OUT"}]}))).await;
@@ -182,6 +200,7 @@ mod tests {
             http_client::build(HttpTimeouts::WHATSAPP).expect("client"),
             server.base("/v21.0"),
             Arc::new(PerChannel),
+            retries(HttpTimeouts::WHATSAPP, &MemoryEvents::new()),
         );
 
         sender.send_text(&reply(None)).await.expect("sent");
@@ -196,6 +215,7 @@ mod tests {
             http_client::build(HttpTimeouts::WHATSAPP).expect("client"),
             server.base("/v21.0"),
             Arc::new(GlobalApiKey::new(None)),
+            retries(HttpTimeouts::WHATSAPP, &MemoryEvents::new()),
         );
 
         let error = sender.send_text(&reply(None)).await.expect_err("no key");
@@ -287,6 +307,7 @@ mod tests {
                 http_client::build(HttpTimeouts::WHATSAPP).expect("client"),
                 Url::parse(base).expect("url"),
                 Arc::new(GlobalApiKey::new(None)),
+                retries(HttpTimeouts::WHATSAPP, &MemoryEvents::new()),
             );
             assert_eq!(
                 sender.messages_url("106540352242922").expect("url").as_str(),
@@ -305,6 +326,95 @@ mod tests {
         assert!(error.is_retryable(), "{error:?}");
         assert_eq!(error.code.as_deref(), Some("timeout"));
         assert_no_secret(&error);
-        assert_eq!(server.requests().len(), 1, "the request reached the server");
+        assert_eq!(server.requests().len(), 1, "the request reached the server, and was not sent again");
+    }
+
+    // --- retries within the call: only when Meta certainly did not take the message ---------
+
+    #[tokio::test]
+    async fn throttled_send_is_retried_and_the_second_answer_counts() {
+        let server = FakeServer::start_sequence(vec![
+            FakeReply::Json(429, json!({"error": {"message": "slow down"}})),
+            FakeReply::Json(200, json!({"messages": [{"id": "wamid.SECOND"}]})),
+        ])
+        .await;
+        let events = MemoryEvents::new();
+
+        let id = sender_at(server.base("/v21.0"), HttpTimeouts::WHATSAPP, &events)
+            .send_text(&reply(Some("wamid.IN")))
+            .await
+            .expect("sent on the second attempt");
+
+        assert_eq!(id.as_str(), "wamid.SECOND");
+        assert_eq!(server.requests().len(), 2);
+        let retried = events.named(names::PROVIDER_CALL_RETRIED);
+        assert_eq!(retried.len(), 1);
+        assert_eq!(retried[0].field("service"), Some(&json!("meta")));
+        assert_eq!(retried[0].field("providerMessageId"), Some(&json!("wamid.IN")));
+        assert_eq!(retried[0].field("channelId"), Some(&json!("channel-1")));
+        assert_eq!(retried[0].field("code"), Some(&json!("http_429")));
+    }
+
+    #[tokio::test]
+    async fn transient_meta_code_is_retried_at_most_twice() {
+        let server = FakeServer::start(FakeReply::Json(400, meta_error(130429, "Rate limit hit"))).await;
+        let events = MemoryEvents::new();
+
+        let error = sender_at(server.base("/v21.0"), HttpTimeouts::WHATSAPP, &events)
+            .send_text(&reply(None))
+            .await
+            .expect_err("still throttled");
+
+        assert!(error.is_retryable(), "the job may try again later: {error:?}");
+        assert_eq!(error.code.as_deref(), Some("130429"));
+        assert_eq!(server.requests().len(), 3, "one attempt and two retries");
+        assert_eq!(events.count(names::PROVIDER_CALL_RETRIED), 2);
+    }
+
+    #[tokio::test]
+    async fn permanent_refusal_is_sent_once() {
+        let server = FakeServer::start(FakeReply::Json(400, meta_error(131026, "Message undeliverable"))).await;
+        let events = MemoryEvents::new();
+
+        let error = sender_at(server.base("/v21.0"), HttpTimeouts::WHATSAPP, &events)
+            .send_text(&reply(None))
+            .await
+            .expect_err("refused");
+
+        assert_eq!(error.kind, PortErrorKind::Permanent);
+        assert_eq!(server.requests().len(), 1);
+        assert!(events.all().is_empty());
+    }
+
+    #[tokio::test]
+    async fn proxy_error_page_is_not_sent_again_within_the_call() {
+        // A 502 from a proxy may come after Meta accepted the message: sending again could
+        // deliver it twice. The job decides, with its outbound row and its backoff.
+        let server = FakeServer::start(FakeReply::Text(502, "<html>Bad Gateway</html>".into())).await;
+        let events = MemoryEvents::new();
+
+        let error = sender_at(server.base("/v21.0"), HttpTimeouts::WHATSAPP, &events)
+            .send_text(&reply(None))
+            .await
+            .expect_err("bad gateway");
+
+        assert!(error.is_retryable(), "{error:?}");
+        assert_eq!(server.requests().len(), 1);
+        assert!(events.all().is_empty());
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_retried_then_reported_retryable() {
+        let events = MemoryEvents::new();
+
+        let error = sender_at(refusing_url().join("/v21.0").expect("url"), HttpTimeouts::WHATSAPP, &events)
+            .send_text(&reply(None))
+            .await
+            .expect_err("nobody listens");
+
+        assert!(error.is_retryable(), "{error:?}");
+        assert_eq!(error.code.as_deref(), Some("connect"));
+        assert_eq!(events.count(names::PROVIDER_CALL_RETRIED), 2, "nothing was sent: safe to try again");
+        assert_no_secret(&error);
     }
 }

@@ -1,29 +1,35 @@
-//! The WhatsApp senders behind the engine's `OutboundSender` port: Meta's Cloud API, and the
-//! `sandbox` that accepts everything for development; where a sender finds a channel's API key.
+//! The WhatsApp senders behind the engine's `OutboundSender` port: Meta's Cloud API, 360dialog
+//! (a proxy of it), and the `sandbox` that accepts everything for development; where a sender finds
+//! a channel's API key.
 //!
-//! Adding a provider that speaks the Cloud API (360dialog) takes a sender that builds its URL and
-//! its authentication header and hands the rest to [`cloud_api::send_text`].
+//! A provider that speaks the Cloud API builds its URL and its authentication header and hands the
+//! rest to `cloud_api::CloudApiClient`.
 
 pub(crate) mod cloud_api;
+pub mod dialog360;
 pub mod meta;
+pub mod pacing;
 pub mod sandbox;
 
-use engine::message::ChannelInfo;
+use engine::{async_trait, message::ChannelInfo, ports::PortError};
 use secrecy::SecretString;
 
+pub use dialog360::Dialog360Sender;
 pub use meta::MetaSender;
 pub use sandbox::SandboxSender;
 
 /// Where a sender finds the API key of the channel it sends from.
 ///
 /// The send port only carries [`ChannelInfo`] (id, provider, phone number id), not the channel's
-/// stored credentials, so a key per channel goes through this hook: an implementation that knows
-/// the channels' keys (filled from the store when channels are resolved) returns the channel's own
-/// and falls back to the global one. Until then [`GlobalApiKey`] serves every channel with
-/// `WHATSAPP_API_KEY`.
+/// stored credentials, so a key per channel goes through this hook:
+/// [`crate::providers::credentials::ChannelCredentialCache`] returns the channel's own key
+/// (`channels.credentials.api_key`) and falls back to `WHATSAPP_API_KEY`; [`GlobalApiKey`] serves
+/// every channel with `WHATSAPP_API_KEY`.
+#[async_trait]
 pub trait CredentialSource: Send + Sync {
-    /// The key to send from `channel`; `None` when there is none, which fails the send for good.
-    fn api_key(&self, channel: &ChannelInfo) -> Option<SecretString>;
+    /// The key to send from `channel`; `Ok(None)` when there is none, which fails the send for
+    /// good; an error when the stored credentials cannot be read now (retryable).
+    async fn api_key(&self, channel: &ChannelInfo) -> Result<Option<SecretString>, PortError>;
 }
 
 /// One key for every channel: `WHATSAPP_API_KEY`.
@@ -42,8 +48,9 @@ impl std::fmt::Debug for GlobalApiKey {
     }
 }
 
+#[async_trait]
 impl CredentialSource for GlobalApiKey {
-    fn api_key(&self, _channel: &ChannelInfo) -> Option<SecretString> {
-        self.0.clone()
+    async fn api_key(&self, _channel: &ChannelInfo) -> Result<Option<SecretString>, PortError> {
+        Ok(self.0.clone())
     }
 }

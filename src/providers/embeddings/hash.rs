@@ -1,5 +1,4 @@
-//! The embedders behind the engine's `Embedder` port. `hash` (feature hashing, no model) is the
-//! embedded default; model-backed embedders come with the knowledge base.
+//! The `hash` embedder, the embedded default: feature hashing, no model, no network.
 
 use engine::{
     async_trait,
