@@ -5,7 +5,10 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -19,7 +22,11 @@ use engine::{
     reload::Reloader,
     runtime::Outcome,
 };
-use tokio::{sync::Semaphore, task::JoinSet};
+use tokio::{
+    sync::Semaphore,
+    task::{JoinHandle, JoinSet},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -98,6 +105,44 @@ struct Job {
     event: QueuedEvent,
     /// Held while the job is queued or running: bounds what a worker takes on.
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// For a stream job: counts it against its shard while it is queued or running.
+    _shard: Option<ShardJob>,
+}
+
+/// One job counted in [`Worker::shard_jobs`] until dropped.
+struct ShardJob {
+    counts: Arc<[AtomicUsize]>,
+    shard: usize,
+}
+
+impl ShardJob {
+    fn new(counts: &Arc<[AtomicUsize]>, shard: u32) -> Option<Self> {
+        let shard = shard as usize;
+        counts.get(shard)?.fetch_add(1, Ordering::SeqCst);
+        Some(Self { counts: Arc::clone(counts), shard })
+    }
+}
+
+impl Drop for ShardJob {
+    fn drop(&mut self) {
+        if let Some(count) = self.counts.get(self.shard) {
+            count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The reader of a shard this worker holds.
+struct ShardReader {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// A shard given up (rebalance, shutdown) whose lease is kept until its reader has stopped and
+/// its jobs are finished, or until `deadline`: released earlier, the next holder would claim the
+/// entries still queued or running here and run them a second time, side by side.
+struct DrainingShard {
+    reader: JoinHandle<()>,
+    deadline: Instant,
 }
 
 /// How one attempt of a job ended.
@@ -117,18 +162,22 @@ pub struct Worker {
     /// Jobs accepted but not finished (queued in lanes or running).
     slots: Arc<Semaphore>,
     running: Arc<Semaphore>,
+    /// Stream jobs queued or running, per shard.
+    shard_jobs: Arc<[AtomicUsize]>,
     tasks: tokio_util::task::TaskTracker,
 }
 
 impl Worker {
     pub fn new(config: WorkerConfig, deps: WorkerDeps) -> Self {
         let concurrency = config.concurrency.max(1);
+        let shard_jobs = (0..deps.queue.shards()).map(|_| AtomicUsize::new(0)).collect();
         Self {
             config: Arc::new(config),
             deps,
             lanes: Arc::default(),
             slots: Arc::new(Semaphore::new(concurrency * 4)),
             running: Arc::new(Semaphore::new(concurrency)),
+            shard_jobs,
             tasks: tokio_util::task::TaskTracker::new(),
         }
     }
@@ -138,7 +187,8 @@ impl Worker {
     }
 
     /// Runs until `shutdown` is cancelled, then stops taking work, lets the jobs in flight finish
-    /// (up to the drain timeout), releases its shards and returns.
+    /// (up to the drain timeout) while keeping the leases of their shards, releases its shards and
+    /// returns.
     pub async fn run(self, shutdown: CancellationToken) {
         self.deps.events.emit(
             Event::info(names::WORKER_STARTED)
@@ -150,25 +200,39 @@ impl Worker {
         background.spawn(self.clone().manage_shards(shutdown.clone()));
         background.spawn(self.clone().poll_spool(shutdown.clone()));
         shutdown.cancelled().await;
+        let deadline = Instant::now() + self.config.drain_timeout;
         while background.join_next().await.is_some() {}
         self.tasks.close();
-        if tokio::time::timeout(self.config.drain_timeout, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, self.tasks.wait()).await.is_err() {
             tracing::warn!(worker = self.id(), "jobs still running after the drain timeout; they will be redelivered");
         }
         for shard in 0..self.deps.queue.shards() {
             let _ = self.deps.leases.release(shard, self.id()).await;
         }
+        // Not counted as live any more: the others take their new share now, not after the TTL.
+        let _ = self.deps.leases.retire(self.id()).await;
         self.deps.events.emit(Event::info(names::WORKER_STOPPED).with("workerId", self.id()));
     }
 
     /// Heartbeats, keeps the shards this worker owns, takes its fair share of free shards and
-    /// gives back the extra, starting and stopping a reader per shard.
+    /// gives back the extra, starting and stopping a reader per shard. A shard given back, or held
+    /// at shutdown, stays leased until its jobs are finished (see [`DrainingShard`]); at shutdown
+    /// this returns once every shard is released.
     async fn manage_shards(self, shutdown: CancellationToken) {
         let ttl = self.config.lease_ttl;
         let tick = ttl / 3;
         let shards = self.deps.queue.shards();
-        let mut owned: HashMap<u32, CancellationToken> = HashMap::new();
+        let mut owned: HashMap<u32, ShardReader> = HashMap::new();
+        let mut draining: HashMap<u32, DrainingShard> = HashMap::new();
         loop {
+            let stopping = shutdown.is_cancelled();
+            if stopping {
+                let deadline = Instant::now() + self.config.drain_timeout;
+                for (shard, reader) in owned.drain() {
+                    reader.stop.cancel();
+                    draining.insert(shard, DrainingShard { reader: reader.task, deadline });
+                }
+            }
             let _ = self.deps.leases.heartbeat(self.id(), ttl).await;
             // Renew what we hold; a shard we could not renew is no longer ours: stop reading it.
             let mut lost = Vec::new();
@@ -178,10 +242,30 @@ impl Worker {
                 }
             }
             for shard in lost {
-                if let Some(stop) = owned.remove(&shard) {
-                    stop.cancel();
+                if let Some(reader) = owned.remove(&shard) {
+                    reader.stop.cancel();
                     self.shard_event(names::SHARD_RELEASED, shard, "lease lost");
                 }
+            }
+            for shard in draining.keys().copied().collect::<Vec<_>>() {
+                let Some(d) = draining.get(&shard) else { continue };
+                let drained = d.reader.is_finished() && self.jobs_of(shard) == 0;
+                if drained || Instant::now() >= d.deadline {
+                    draining.remove(&shard);
+                    let _ = self.deps.leases.release(shard, self.id()).await;
+                    self.shard_event(names::SHARD_RELEASED, shard, if stopping { "shutdown" } else { "rebalance" });
+                } else if !matches!(self.deps.leases.renew(shard, self.id(), ttl).await, Ok(true)) {
+                    draining.remove(&shard);
+                    self.shard_event(names::SHARD_RELEASED, shard, "lease lost");
+                }
+            }
+            if stopping {
+                if draining.is_empty() {
+                    break;
+                }
+                // Release each shard as soon as it is drained.
+                tokio::time::sleep(tick.min(Duration::from_millis(100))).await;
+                continue;
             }
             let live = self.deps.leases.live_workers().await.map(|w| w.len()).unwrap_or(1).max(1);
             let share = fair_share(shards, live);
@@ -192,32 +276,33 @@ impl Worker {
                     break;
                 }
                 let shard = (start + i) % shards;
-                if owned.contains_key(&shard) {
+                if owned.contains_key(&shard) || draining.contains_key(&shard) {
                     continue;
                 }
                 if matches!(self.deps.leases.acquire(shard, self.id(), ttl).await, Ok(true)) {
                     let stop = shutdown.child_token();
-                    owned.insert(shard, stop.clone());
+                    let task = tokio::spawn(self.clone().read_shard(shard, stop.clone()));
+                    owned.insert(shard, ShardReader { stop, task });
                     self.shard_event(names::SHARD_ACQUIRED, shard, "free");
-                    tokio::spawn(self.clone().read_shard(shard, stop));
                 }
             }
             while owned.len() > share {
                 let Some(&shard) = owned.keys().max() else { break };
-                if let Some(stop) = owned.remove(&shard) {
-                    stop.cancel();
-                    let _ = self.deps.leases.release(shard, self.id()).await;
-                    self.shard_event(names::SHARD_RELEASED, shard, "rebalance");
+                if let Some(reader) = owned.remove(&shard) {
+                    reader.stop.cancel();
+                    let deadline = Instant::now() + self.config.drain_timeout;
+                    draining.insert(shard, DrainingShard { reader: reader.task, deadline });
                 }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep(tick) => {}
             }
         }
-        for stop in owned.values() {
-            stop.cancel();
-        }
+    }
+
+    fn jobs_of(&self, shard: u32) -> usize {
+        self.shard_jobs.get(shard as usize).map_or(0, |n| n.load(Ordering::SeqCst))
     }
 
     fn shard_event(&self, name: &'static str, shard: u32, reason: &str) {
@@ -279,7 +364,8 @@ impl Worker {
         match entry.event.clone() {
             Ok(event) => {
                 let job_id = entry.job_id.clone();
-                self.dispatch(Job { source: Source::Stream(entry), job_id, event, _slot: slot });
+                let shard = ShardJob::new(&self.shard_jobs, entry.shard);
+                self.dispatch(Job { source: Source::Stream(entry), job_id, event, _slot: slot, _shard: shard });
             }
             Err(reason) => {
                 let error = format!("undecodable queue entry: {reason}");
@@ -308,7 +394,7 @@ impl Worker {
                             let Ok(slot) = self.slots.clone().acquire_owned().await else { return };
                             let job_id = format!("spool:{}", row.id);
                             let event = row.event.clone();
-                            self.dispatch(Job { source: Source::Spool(row), job_id, event, _slot: slot });
+                            self.dispatch(Job { source: Source::Spool(row), job_id, event, _slot: slot, _shard: None });
                         }
                     }
                     Err(e) => tracing::debug!(worker = self.id(), error = %e, "cannot poll the spool"),
