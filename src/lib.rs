@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod http;
+pub mod knowledge;
 pub mod kv;
 pub mod providers;
 pub mod queue;

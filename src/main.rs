@@ -63,6 +63,8 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Manage a tenant's knowledge base (ingest, list, reindex, delete documents).
+    Kb(commands::kb::KbArgs),
     /// Print a bearer token for the admin API, signed with JWT_SECRET.
     Token {
         /// `admin` or `super-admin`.
@@ -140,6 +142,7 @@ fn main() -> ExitCode {
         Command::Simulate { text, from, id, phone_number_id, url, timeout } => {
             commands::simulate::run(commands::simulate::SimulateArgs { text, from, id, phone_number_id, url, timeout })
         }
+        Command::Kb(args) => commands::kb::run(args),
         Command::Token { role, tenant, ttl } => commands::token::run(&role, tenant.as_deref(), ttl),
         Command::Validate { files, deny_warnings } => commands::validate::run(&files, deny_warnings),
         Command::Schema { check, path } => commands::schema::run(check, &path),

@@ -72,7 +72,35 @@ pub fn seed(args: SeedArgs) -> ExitCode {
         }
         let store = PgStore::new(pool);
         let result = match (args.tenant, args.phone_number_id) {
-            (None, None) => store.seed_defaults().await.map(|r| serde_json::to_value(r).unwrap_or_default()),
+            (None, None) => match store.seed_defaults().await {
+                Ok(report) => {
+                    // The demo tenant answers questions from a small sample knowledge base.
+                    let events = std::sync::Arc::new(engine::events::JsonLinesSink::new(
+                        Box::new(std::io::stderr()),
+                        engine::events::Level::Warn,
+                    ));
+                    let embedder = match parley::providers::build(&settings, events) {
+                        Ok(p) => p.embedder,
+                        Err(e) => {
+                            eprintln!("parley seed: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    };
+                    match parley::knowledge::seed_sample(&store, embedder.as_ref(), report.demo.tenant_id).await {
+                        Ok(outcomes) => {
+                            for (name, outcome) in outcomes {
+                                eprintln!("sample knowledge {name}: {}", outcome.summary());
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("parley seed: cannot load the sample knowledge: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                    Ok(serde_json::to_value(report).unwrap_or_default())
+                }
+                Err(e) => Err(e),
+            },
             (Some(name), Some(phone_number_id)) => {
                 let req = SeedTenant {
                     name,

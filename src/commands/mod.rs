@@ -1,6 +1,7 @@
 //! The `parley` subcommands.
 
 pub mod database;
+pub mod kb;
 pub mod pipeline_show;
 pub mod schema;
 pub mod service;
