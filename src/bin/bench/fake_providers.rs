@@ -27,15 +27,28 @@ pub struct FakeServerError {
     source: std::io::Error,
 }
 
+/// What the fake LLM answers, and so the text of every reply that is an answer (anything else
+/// the fake Meta API receives is a notice: rate limit, quota).
+pub const LLM_ANSWER: &str =
+    "Bonjour ! Nous sommes ouverts du lundi au samedi, de 9 h à 19 h. Puis-je vous aider pour autre chose ?";
+
+/// Sends that are not what a clean run sends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MetaAnomalies {
+    /// Replies quoting a message already answered.
+    pub duplicates: usize,
+    /// Sends quoting nothing (every reply quotes its message).
+    pub unquoted: usize,
+    /// Sends whose text is not the LLM's answer: notices.
+    pub notices: usize,
+}
+
 /// What the fake Meta API has seen.
 #[derive(Default)]
 struct MetaLog {
     /// When the reply quoting each user message (`context.message_id`) arrived, first one only.
     replies: HashMap<String, Instant>,
-    /// Replies quoting a message already answered.
-    duplicates: usize,
-    /// Sends quoting nothing (none expected: every answer quotes its message).
-    unquoted: usize,
+    anomalies: MetaAnomalies,
 }
 
 pub struct FakeMeta {
@@ -54,17 +67,20 @@ impl FakeMeta {
             async move {
                 let arrived = Instant::now();
                 let bytes = req.into_body().into_bytes().await.unwrap_or_default();
-                let quoted = serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v.pointer("/context/message_id").and_then(Value::as_str).map(str::to_owned));
+                let body = serde_json::from_slice::<Value>(&bytes).unwrap_or_default();
+                let quoted = body.pointer("/context/message_id").and_then(Value::as_str).map(str::to_owned);
+                let answer = body.pointer("/text/body").and_then(Value::as_str) == Some(LLM_ANSWER);
                 {
                     let mut log = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    if !answer {
+                        log.anomalies.notices += 1;
+                    }
                     match quoted {
-                        Some(wamid) if log.replies.contains_key(&wamid) => log.duplicates += 1,
+                        Some(wamid) if log.replies.contains_key(&wamid) => log.anomalies.duplicates += 1,
                         Some(wamid) => {
                             log.replies.insert(wamid, arrived);
                         }
-                        None => log.unquoted += 1,
+                        None => log.anomalies.unquoted += 1,
                     }
                 }
                 let n = sent.fetch_add(1, Ordering::Relaxed);
@@ -90,10 +106,8 @@ impl FakeMeta {
         wamids.iter().map(|w| log.replies.get(w).copied()).collect()
     }
 
-    /// `(duplicate replies, replies quoting nothing)` so far.
-    pub fn anomalies(&self) -> (usize, usize) {
-        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        (log.duplicates, log.unquoted)
+    pub fn anomalies(&self) -> MetaAnomalies {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).anomalies
     }
 
     /// Waits until every one of `wamids` has its reply, or `timeout`; returns how many have.
@@ -139,11 +153,7 @@ impl FakeLlm {
                     "model": "bench-model",
                     "choices": [{
                         "index": 0,
-                        "message": {
-                            "role": "assistant",
-                            "content": "Bonjour ! Nous sommes ouverts du lundi au samedi, de 9 h à 19 h. \
-                                        Puis-je vous aider pour autre chose ?"
-                        },
+                        "message": { "role": "assistant", "content": LLM_ANSWER },
                         "finish_reason": "stop"
                     }],
                     "usage": { "prompt_tokens": 250, "completion_tokens": 30, "total_tokens": 280 }
