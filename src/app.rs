@@ -69,6 +69,8 @@ pub struct App {
     pub metrics: Option<PrometheusHandle>,
     /// The channels' own credentials (360dialog webhook tokens, API keys), cached.
     pub channel_credentials: Option<Arc<ChannelCredentialCache>>,
+    /// Where the knowledge originals (and media) are kept: KNOWLEDGE_DIR or GCS_BUCKET_NAME.
+    pub storage: Arc<dyn crate::knowledge::ObjectStorage>,
 }
 
 impl App {
@@ -104,6 +106,7 @@ impl App {
         };
         let reloader = Reloader::start(&settings.pipeline_file, resources.clone())
             .map_err(|e| anyhow::anyhow!("the pipeline file is invalid:\n{e}"))?;
+        let storage = crate::knowledge::build_storage(&settings).context("cannot set up the object storage")?;
         // Blocking stream reads get their own connections, so that they never hold up the
         // webhook's writes or the stages' calls on the shared one.
         let queue = Queue::new(redis.clone(), settings.queue_prefix.clone(), settings.queue_shards)
@@ -119,6 +122,7 @@ impl App {
             resources,
             metrics: prometheus(),
             channel_credentials: providers.channel_credentials,
+            storage,
         })
     }
 
@@ -156,7 +160,26 @@ impl App {
                 leases: Leases::of(&self.queue),
                 reloader: self.reloader.clone(),
                 events: self.events.clone(),
+                media: providers::whatsapp::media::MediaFetcher::source_for(
+                    s,
+                    self.channel_credentials.clone(),
+                    self.events.clone(),
+                ),
+                media_storage: self.storage.clone(),
             },
+        )
+    }
+}
+
+impl App {
+    /// The knowledge worker: indexes the documents that uploads queue.
+    pub fn knowledge_worker(&self, id: impl Into<String>) -> crate::knowledge::KnowledgeWorker {
+        crate::knowledge::KnowledgeWorker::new(
+            crate::knowledge::KnowledgeWorkerConfig::from_settings(id, &self.settings),
+            self.store.clone(),
+            self.resources.embedder.clone(),
+            self.storage.clone(),
+            self.events.clone(),
         )
     }
 }
@@ -302,6 +325,7 @@ pub async fn start(app: App, role: Role, bind: SocketAddr, worker_id: String) ->
             Some(cache) => http::routes(app.http_state()).data(cache.clone()).boxed(),
             None => http::routes(app.http_state()),
         };
+        let routes = routes.data(http::knowledge::KnowledgeDeps::new(app.store.clone(), app.storage.clone())).boxed();
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             let server = Server::new_with_acceptor(acceptor);
@@ -319,9 +343,12 @@ pub async fn start(app: App, role: Role, bind: SocketAddr, worker_id: String) ->
         tracing::info!(%local, "listening");
     }
     if role.workers() {
-        let worker = app.worker(worker_id);
+        let worker = app.worker(worker_id.clone());
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move { worker.run(stop).await }));
+        let knowledge = app.knowledge_worker(format!("{worker_id}-knowledge"));
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move { knowledge.run(stop).await }));
     }
     tasks.push(tokio::spawn(follow_reload_broadcasts(app.clone(), shutdown.clone())));
     let watch = match app.reloader.watch(RELOAD_DEBOUNCE) {

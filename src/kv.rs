@@ -8,7 +8,7 @@
 use std::{fmt, future::Future, sync::LazyLock, time::Duration};
 
 use async_trait::async_trait;
-use engine::ports::{Claim, KeyValueStore, PortError, WindowCount, WindowKey};
+use engine::ports::{Claim, HitOnce, KeyValueStore, PortError, WindowCount, WindowKey};
 use redis::{
     Client, RedisResult, Script,
     aio::{ConnectionManager, ConnectionManagerConfig},
@@ -170,16 +170,29 @@ return {0, redis.call('GET', KEYS[1]) or ''}
 static HIT_WINDOWS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+local n = tonumber(ARGV[1])
+local counting = true
+if #KEYS > n then
+  counting = redis.call('SET', KEYS[n + 1], '1', 'NX', 'PX', ARGV[n + 2]) and true or false
+end
 local out = {}
-for i, key in ipairs(KEYS) do
-  local window = tonumber(ARGV[i])
-  local count = redis.call('INCR', key)
-  if count == 1 then
-    redis.call('PEXPIRE', key, window)
+for i = 1, n do
+  local key = KEYS[i]
+  local window = tonumber(ARGV[i + 1])
+  local count
+  if counting then
+    count = redis.call('INCR', key)
+    if count == 1 then
+      redis.call('PEXPIRE', key, window)
+    end
+  else
+    count = tonumber(redis.call('GET', key) or '0')
   end
   local ttl = redis.call('PTTL', key)
   if ttl < 0 then
-    redis.call('PEXPIRE', key, window)
+    if count > 0 then
+      redis.call('PEXPIRE', key, window)
+    end
     ttl = window
   end
   out[#out + 1] = count
@@ -230,14 +243,18 @@ impl KeyValueStore for RedisKv {
         Ok(if acquired == 1 { Claim::Acquired } else { Claim::HeldBy(held) })
     }
 
-    async fn hit_windows(&self, keys: &[WindowKey]) -> Result<Vec<WindowCount>, PortError> {
+    async fn hit_windows(&self, keys: &[WindowKey], once: Option<&HitOnce>) -> Result<Vec<WindowCount>, PortError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
         let mut conn = self.conn.clone();
         let mut invocation = HIT_WINDOWS.prepare_invoke();
+        invocation.arg(keys.len());
         for w in keys {
             invocation.key(&w.key).arg(millis(w.window));
+        }
+        if let Some(once) = once {
+            invocation.key(&once.key).arg(millis(once.ttl));
         }
         let flat: Vec<i64> = bounded("hit_windows", self.timeout, invocation.invoke_async(&mut conn)).await?;
         if flat.len() != keys.len() * 2 {
@@ -385,8 +402,8 @@ pub(crate) mod tests {
             WindowKey { key: format!("{prefix}:ratelimit:sender:t:s1"), window: Duration::from_secs(300) },
         ];
 
-        let first = kv.hit_windows(&keys).await.unwrap();
-        let second = kv.hit_windows(&keys).await.unwrap();
+        let first = kv.hit_windows(&keys, None).await.unwrap();
+        let second = kv.hit_windows(&keys, None).await.unwrap();
 
         assert_eq!(first.iter().map(|w| w.count).collect::<Vec<_>>(), [1, 1]);
         assert_eq!(second.iter().map(|w| w.count).collect::<Vec<_>>(), [2, 2]);
@@ -395,7 +412,33 @@ pub(crate) mod tests {
         let ttl = pttl(&conn, &keys[0].key).await;
         assert!(ttl > 0 && ttl <= 30_000, "the conversation window expires within 30 s: {ttl}");
 
-        assert!(kv.hit_windows(&[]).await.unwrap().is_empty());
+        assert!(kv.hit_windows(&[], None).await.unwrap().is_empty());
+        delete_prefix(&conn, &prefix).await;
+    }
+
+    #[tokio::test]
+    async fn a_message_counts_once_however_often_its_job_is_retried() {
+        let conn = shared_redis().await;
+        let prefix = test_prefix();
+        let kv = RedisKv::new(conn.clone(), DEFAULT_KV_TIMEOUT);
+        let keys = [
+            WindowKey { key: format!("{prefix}:ratelimit:conv:c1"), window: Duration::from_secs(30) },
+            WindowKey { key: format!("{prefix}:ratelimit:sender:t:s1"), window: Duration::from_secs(300) },
+        ];
+        let once = |id: &str| HitOnce { key: format!("{prefix}:ratelimit:seen:{id}"), ttl: Duration::from_secs(300) };
+
+        let first = kv.hit_windows(&keys, Some(&once("wamid.1"))).await.unwrap();
+        let retried = kv.hit_windows(&keys, Some(&once("wamid.1"))).await.unwrap();
+        let next = kv.hit_windows(&keys, Some(&once("wamid.2"))).await.unwrap();
+
+        assert_eq!(first.iter().map(|w| w.count).collect::<Vec<_>>(), [1, 1]);
+        assert_eq!(retried.iter().map(|w| w.count).collect::<Vec<_>>(), [1, 1], "the retry only reads");
+        assert!(retried[0].resets_in > Duration::ZERO && retried[0].resets_in <= Duration::from_secs(30));
+        assert_eq!(next.iter().map(|w| w.count).collect::<Vec<_>>(), [2, 2], "another message counts");
+        let fresh = [WindowKey { key: format!("{prefix}:ratelimit:conv:never"), window: Duration::from_secs(30) }];
+        let read = kv.hit_windows(&fresh, Some(&once("wamid.1"))).await.unwrap();
+        assert_eq!(read[0].count, 0, "reading a missing counter does not create it");
+        assert_eq!(pttl(&conn, &fresh[0].key).await, -2);
         delete_prefix(&conn, &prefix).await;
     }
 
@@ -412,7 +455,7 @@ pub(crate) mod tests {
         let tasks: Vec<_> = (0..50)
             .map(|_| {
                 let (kv, keys) = (kv.clone(), keys.clone());
-                tokio::spawn(async move { kv.hit_windows(&keys).await.unwrap() })
+                tokio::spawn(async move { kv.hit_windows(&keys, None).await.unwrap() })
             })
             .collect();
         let mut pairs = Vec::new();
@@ -435,7 +478,8 @@ pub(crate) mod tests {
         let _: () = redis::cmd("SET").arg(&key).arg(7).query_async(&mut conn.clone()).await.unwrap();
         let kv = RedisKv::new(conn.clone(), DEFAULT_KV_TIMEOUT);
 
-        let counts = kv.hit_windows(&[WindowKey { key: key.clone(), window: Duration::from_secs(30) }]).await.unwrap();
+        let counts =
+            kv.hit_windows(&[WindowKey { key: key.clone(), window: Duration::from_secs(30) }], None).await.unwrap();
 
         assert_eq!(counts[0].count, 8);
         let ttl = pttl(&conn, &key).await;
@@ -455,7 +499,8 @@ pub(crate) mod tests {
         assert!(err.is_retryable(), "a dead Redis is a transient failure: {err}");
         assert_eq!(err.service, "redis");
         assert!(!err.to_string().contains("hunter2-secret"), "{err}");
-        let err = kv.hit_windows(&[WindowKey { key: "k".into(), window: Duration::from_secs(1) }]).await.unwrap_err();
+        let err =
+            kv.hit_windows(&[WindowKey { key: "k".into(), window: Duration::from_secs(1) }], None).await.unwrap_err();
         assert!(err.is_retryable(), "{err}");
     }
 

@@ -7,6 +7,11 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: Parley allocates many small short-lived buffers per message
+/// (JSON, HTTP, SQL rows), where glibc's allocator cost a sixth of the CPU (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Parley runs an AI assistant on WhatsApp for many businesses.
 #[derive(Debug, Parser)]
 #[command(name = "parley", version, about, propagate_version = true)]
@@ -70,7 +75,7 @@ enum Command {
         /// `admin` or `super-admin`.
         #[arg(long, default_value = "admin")]
         role: String,
-        /// The tenant the token is scoped to.
+        /// The tenant the token is scoped to (its id or name); the knowledge endpoints require it.
         #[arg(long)]
         tenant: Option<String>,
         /// Validity; default: JWT_EXPIRES_IN.

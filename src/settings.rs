@@ -85,6 +85,8 @@ pub struct Settings {
     pub whatsapp_webhook_token_header: String,
     /// Messages per second per business number (token bucket; a full bucket waits).
     pub whatsapp_send_rate: std::num::NonZeroU32,
+    /// A cap on the size of every inbound media file, below WhatsApp's own per-type limits.
+    pub media_max_bytes: Option<std::num::NonZeroU64>,
 
     pub llm_provider: LlmProvider,
     pub llm_base_url: Option<Url>,
@@ -106,6 +108,13 @@ pub struct Settings {
     pub vertex_ai_base_url: Url,
     pub vertex_ai_model: String,
     pub vertex_embedding_model: String,
+
+    /// The knowledge originals' local directory (when no GCS bucket is set).
+    pub knowledge_dir: PathBuf,
+    /// The knowledge originals in this GCS bucket instead (credentials: GOOGLE_APPLICATION_CREDENTIALS).
+    pub gcs_bucket_name: Option<String>,
+    /// Another GCS endpoint (a proxy, an emulator).
+    pub gcs_base_url: Option<Url>,
 
     pub jwt_secret: SecretString,
     pub jwt_expires_in: Duration,
@@ -208,6 +217,9 @@ impl Settings {
             Some("80"),
             "a whole number of messages per second (at least 1)",
         );
+        let media_max_bytes = r.get("MEDIA_MAX_BYTES").and_then(|_| {
+            r.parse::<std::num::NonZeroU64>("MEDIA_MAX_BYTES", None, "a whole number of bytes (at least 1)")
+        });
         let llm_provider = r.choice(
             "LLM_PROVIDER",
             "local",
@@ -288,6 +300,23 @@ impl Settings {
         let vertex_ai_base_url = r.url("VERTEX_AI_BASE_URL", Some(&default_vertex_url));
         let vertex_ai_model = r.get("VERTEX_AI_MODEL").unwrap_or_else(|| "gemini-1.5-pro".into());
         let vertex_embedding_model = r.get("VERTEX_EMBEDDING_MODEL").unwrap_or_else(|| "text-embedding-004".into());
+
+        let knowledge_dir = PathBuf::from(
+            r.get("KNOWLEDGE_DIR").unwrap_or_else(|| crate::knowledge::storage::DEFAULT_KNOWLEDGE_DIR.into()),
+        );
+        let gcs_bucket_name = r.get("GCS_BUCKET_NAME");
+        if let Some(bucket) = &gcs_bucket_name {
+            let valid = (3..=222).contains(&bucket.len())
+                && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+                && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+            if !valid {
+                r.problem(format!(
+                    "GCS_BUCKET_NAME: expected a bucket name (lowercase letters, digits, '-', '_', '.'), got `{bucket}`"
+                ));
+            }
+        }
+        let gcs_base_url = r.get("GCS_BASE_URL").map(|_| r.url("GCS_BASE_URL", None));
 
         let jwt_set = r.get("JWT_SECRET").is_some() || dev;
         let jwt_secret = r
@@ -375,6 +404,7 @@ impl Settings {
             whatsapp_webhook_token,
             whatsapp_webhook_token_header,
             whatsapp_send_rate: whatsapp_send_rate.ok_or_else(missing)?,
+            media_max_bytes,
             llm_provider,
             llm_base_url: llm_base_url.flatten(),
             llm_api_key,
@@ -389,6 +419,9 @@ impl Settings {
             vertex_ai_base_url: vertex_ai_base_url.ok_or_else(missing)?,
             vertex_ai_model,
             vertex_embedding_model,
+            knowledge_dir,
+            gcs_bucket_name,
+            gcs_base_url: gcs_base_url.flatten(),
             jwt_secret,
             jwt_expires_in: jwt_expires_in.ok_or_else(missing)?,
             log_level,

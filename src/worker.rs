@@ -30,6 +30,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    knowledge::ObjectStorage,
+    providers::whatsapp::{
+        media::MediaSource,
+        media_intake::{MediaIntake, MediaTurn},
+    },
     queue::{
         InboundMessageEvent, QueuedEvent, StatusEvent,
         leases::{Leases, fair_share},
@@ -91,6 +96,11 @@ pub struct WorkerDeps {
     pub leases: Leases,
     pub reloader: Arc<Reloader>,
     pub events: Arc<dyn EventSink>,
+    /// The provider's media API, for inbound images, voice messages, videos, documents and
+    /// stickers; `None` with the sandbox (answered from their caption or a placeholder).
+    pub media: Option<Arc<dyn MediaSource>>,
+    /// Where fetched media files are kept.
+    pub media_storage: Arc<dyn ObjectStorage>,
 }
 
 /// Where a job came from, to finish it in the right place.
@@ -480,7 +490,7 @@ impl Worker {
                     }
                     tokio::time::sleep(delay).await;
                     attempt = match &job.source {
-                        Source::Stream(entry) => self.deps.queue.begin_attempt(entry).await.unwrap_or(attempt + 1),
+                        Source::Stream(entry) => self.deps.queue.begin_retry(entry).await.unwrap_or(attempt + 1),
                         Source::Spool(_) => attempt + 1,
                     };
                 }
@@ -560,7 +570,7 @@ impl Worker {
 
     async fn process_message(&self, job: &Job, event: &InboundMessageEvent, attempt: u32) -> Attempt {
         let store = &self.deps.store;
-        let ctx = match store.resolve_channel(&event.phone_number_id).await {
+        let ctx = match store.resolve_channel_cached(&event.phone_number_id).await {
             Ok(Some(ctx)) => ctx,
             Ok(None) => {
                 return Attempt::Fail {
@@ -599,7 +609,20 @@ impl Worker {
             ));
             return Attempt::Done;
         }
-        let Some(text) = event.text.clone().filter(|t| !t.trim().is_empty()) else {
+        let intake = MediaIntake {
+            source: self.deps.media.as_deref(),
+            storage: &*self.deps.media_storage,
+            store,
+            events: &*self.deps.events,
+        };
+        let last_attempt = attempt >= self.config.max_attempts;
+        let text = match intake.receive(&ctx, event, last_attempt, &correlate).await {
+            MediaTurn::NotMedia => event.text.clone().filter(|t| !t.trim().is_empty()),
+            MediaTurn::Answer(text) => Some(text),
+            MediaTurn::Unanswered => None,
+            MediaTurn::Retry(error) => return Attempt::Retry { error, stage: None },
+        };
+        let Some(text) = text else {
             self.deps.events.emit(correlate(
                 Event::info(names::MESSAGE_IGNORED)
                     .with("messageType", &event.message_type)

@@ -615,8 +615,8 @@ async fn no_test_phone_number_appears_unmasked_in_the_logs() {
         assert_eq!(post_webhook(&base, &webhook_body(PHONE_NUMBER_ID, &[(from, wamid, text)]), None).await.0, 200);
     }
     env.meta.wait_for_sends(3, WAIT).await;
-    // The other paths that handle a number: a duplicate delivery, a delivery status, a message
-    // without text, and a send the provider refuses for good.
+    // The other paths that handle a number: a duplicate delivery, a delivery status, a media
+    // message whose file cannot be fetched, and a send the provider refuses for good.
     let duplicate = webhook_body(PHONE_NUMBER_ID, &[(USER, "wamid.MASK1", "Bonjour, pouvez-vous m'aider ?")]);
     assert_eq!(post_webhook(&base, &duplicate, None).await.0, 200);
     let sent_id = eventually(WAIT, "the first answer recorded", || async {
@@ -637,7 +637,7 @@ async fn no_test_phone_number_appears_unmasked_in_the_logs() {
 
     for (name, wamid) in [
         ("duplicate_message_dropped", "wamid.MASK1"),
-        ("message_ignored", "wamid.MASK4"),
+        ("media_fetch_failed", "wamid.MASK4"),
         ("send_failed", "wamid.MASK5"),
     ] {
         eventually(WAIT, &format!("`{name}` for {wamid}"), || async {

@@ -263,27 +263,28 @@ async fn a_body_with_three_messages_in_two_entries_gets_three_replies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_audio_message_is_recorded_and_ignored_without_an_answer() {
+async fn a_location_message_is_recorded_and_ignored_without_an_answer() {
     let app = TestApp::spawn().await;
-    let mut body: Value = serde_json::from_str(&webhook_body(PHONE_NUMBER_ID, &[(USER, "wamid.AUDIO", "")])).unwrap();
+    let mut body: Value =
+        serde_json::from_str(&webhook_body(PHONE_NUMBER_ID, &[(USER, "wamid.LOCATION", "")])).unwrap();
     let message = &mut body["entry"][0]["changes"][0]["value"]["messages"][0];
-    message["type"] = json!("audio");
+    message["type"] = json!("location");
     message.as_object_mut().unwrap().remove("text");
-    message["audio"] = json!({"mime_type": "audio/ogg; codecs=opus", "sha256": "abc", "id": "MEDIA_ID", "voice": true});
+    message["location"] = json!({"latitude": 48.8584, "longitude": 2.2945, "name": "Tour Eiffel"});
 
     assert_eq!(app.post(&body.to_string()).await.0, 200);
 
     let ignored = app.events.wait_for("message_ignored", 1, WAIT).await;
-    assert_eq!(ignored[0]["providerMessageId"], "wamid.AUDIO");
-    assert_eq!(ignored[0]["messageType"], "audio");
+    assert_eq!(ignored[0]["providerMessageId"], "wamid.LOCATION");
+    assert_eq!(ignored[0]["messageType"], "location");
     let recorded = app
-        .count("select count(*) from messages where direction = 'inbound' and provider_message_id = 'wamid.AUDIO' and message_type = 'audio'")
+        .count("select count(*) from messages where direction = 'inbound' and provider_message_id = 'wamid.LOCATION' and message_type = 'location'")
         .await;
     assert_eq!(recorded, 1);
     settle().await;
     assert!(app.meta().sent().is_empty(), "{:?}", app.meta().texts());
     assert_eq!(app.env.llm.requests(), 0);
-    let names = app.events.names_for("wamid.AUDIO");
+    let names = app.events.names_for("wamid.LOCATION");
     assert!(!names.iter().any(|n| n == "llm_request" || n == "message_sent"), "{names:?}");
     app.stop().await;
 }

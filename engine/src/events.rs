@@ -21,6 +21,8 @@ pub mod names {
     pub const KNOWLEDGE_RETRIEVED: &str = "knowledge_retrieved";
     pub const LLM_REQUEST: &str = "llm_request";
     pub const LLM_REQUEST_COMPLETED: &str = "llm_request_completed";
+    /// A retried job found the answer an earlier attempt recorded and did not ask the LLM again.
+    pub const LLM_ANSWER_REUSED: &str = "llm_answer_reused";
     pub const MESSAGE_SENT: &str = "message_sent";
     pub const SEND_FAILED: &str = "send_failed";
     pub const SEND_SKIPPED: &str = "send_skipped";
@@ -32,6 +34,11 @@ pub mod names {
     pub const PROVIDER_CALL_RETRIED: &str = "provider_call_retried";
     pub const JOB_FAILED: &str = "job_failed";
     pub const MESSAGE_IGNORED: &str = "message_ignored";
+    /// The file of an inbound media message was fetched from the provider and stored.
+    pub const MEDIA_STORED: &str = "media_stored";
+    /// The file of an inbound media message could not be fetched or stored; the message is
+    /// answered from its caption or a placeholder, or retried when the failure is transient.
+    pub const MEDIA_FETCH_FAILED: &str = "media_fetch_failed";
     pub const STATUS_UPDATED: &str = "status_updated";
     pub const WORKER_STARTED: &str = "worker_started";
     pub const WORKER_STOPPED: &str = "worker_stopped";
@@ -40,6 +47,12 @@ pub mod names {
     pub const STAGE_FAILED_OPEN: &str = "stage_failed_open";
     pub const PIPELINE_RELOADED: &str = "pipeline_reloaded";
     pub const PIPELINE_RELOAD_FAILED: &str = "pipeline_reload_failed";
+    /// A knowledge worker indexed a document (its chunks searchable).
+    pub const KNOWLEDGE_DOCUMENT_INDEXED: &str = "knowledge_document_indexed";
+    /// A document's indexing failed for good: status `error` with the reason.
+    pub const KNOWLEDGE_DOCUMENT_FAILED: &str = "knowledge_document_failed";
+    /// A document's indexing failed for a reason that may pass; queued again after a backoff.
+    pub const KNOWLEDGE_JOB_RETRY: &str = "knowledge_job_retry";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -108,14 +121,44 @@ impl JsonLinesSink {
     }
 
     pub fn render(event: &Event) -> String {
-        let mut line = Map::with_capacity(event.fields.len() + 3);
-        line.insert("timestamp".into(), Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true).into());
-        line.insert("level".into(), serde_json::to_value(event.level).unwrap_or(Value::Null));
-        line.insert("event".into(), event.name.into());
-        for (k, v) in &event.fields {
-            line.insert(k.clone(), v.clone());
+        let mut line = Vec::with_capacity(256);
+        Self::render_into(event, &mut line);
+        // Only serde_json and ASCII literals were written: valid UTF-8.
+        String::from_utf8(line).unwrap_or_default()
+    }
+
+    /// Writes the line straight into `out`, without building an intermediate JSON object. A field
+    /// named like one of the three leading keys replaces it, as a map would.
+    fn render_into(event: &Event, out: &mut Vec<u8>) {
+        let reserved = |key: &str| event.fields.contains_key(key);
+        out.push(b'{');
+        let mut first = true;
+        let mut key = |out: &mut Vec<u8>, name: &str| {
+            if !std::mem::take(&mut first) {
+                out.push(b',');
+            }
+            let _ = serde_json::to_writer(&mut *out, name);
+            out.push(b':');
+        };
+        if !reserved("timestamp") {
+            key(out, "timestamp");
+            out.push(b'"');
+            out.extend_from_slice(Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true).as_bytes());
+            out.push(b'"');
         }
-        Value::Object(line).to_string()
+        if !reserved("level") {
+            key(out, "level");
+            let _ = serde_json::to_writer(&mut *out, &event.level);
+        }
+        if !reserved("event") {
+            key(out, "event");
+            let _ = serde_json::to_writer(&mut *out, event.name);
+        }
+        for (name, value) in &event.fields {
+            key(out, name);
+            let _ = serde_json::to_writer(&mut *out, value);
+        }
+        out.push(b'}');
     }
 }
 
@@ -124,11 +167,12 @@ impl EventSink for JsonLinesSink {
         if event.level < self.min_level {
             return;
         }
-        let mut line = Self::render(&event);
-        line.push('\n');
+        let mut line = Vec::with_capacity(256);
+        Self::render_into(&event, &mut line);
+        line.push(b'\n');
         // A poisoned lock only means another thread panicked mid-write; keep logging.
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = out.write_all(line.as_bytes());
+        let _ = out.write_all(&line);
         let _ = out.flush();
     }
 }

@@ -121,12 +121,30 @@ impl KeyValueStore for MemoryKv {
         }
     }
 
-    async fn hit_windows(&self, keys: &[WindowKey]) -> Result<Vec<WindowCount>, PortError> {
+    async fn hit_windows(&self, keys: &[WindowKey], once: Option<&HitOnce>) -> Result<Vec<WindowCount>, PortError> {
         self.failing.check("redis")?;
         let now = self.clock.now();
         let mut data = lock(&self.data);
+        let counting = match once {
+            Some(once) => match data.get(&once.key) {
+                Some((_, exp)) if *exp > now => false,
+                _ => {
+                    data.insert(once.key.clone(), ("1".into(), self.expiry(once.ttl)));
+                    true
+                }
+            },
+            None => true,
+        };
         let mut counts = Vec::with_capacity(keys.len());
         for w in keys {
+            if !counting {
+                let (count, exp) = match data.get(&w.key) {
+                    Some((v, exp)) if *exp > now => (v.parse::<u64>().unwrap_or(0), *exp),
+                    _ => (0, self.expiry(w.window)),
+                };
+                counts.push(WindowCount { count, resets_in: (exp - now).to_std().unwrap_or_default() });
+                continue;
+            }
             let entry = match data.get(&w.key) {
                 Some((v, exp)) if *exp > now => (v.parse::<u64>().unwrap_or(0) + 1, *exp),
                 _ => (1, self.expiry(w.window)),
@@ -288,6 +306,13 @@ impl RelationalStore for MemoryStore {
             text: outbound.text.clone(),
         };
         state.outbound.push((outbound.clone(), record.clone(), None));
+        // As in PostgreSQL, a recorded answer is part of the conversation's history.
+        state.history.entry(outbound.conversation.clone()).or_default().push(HistoryMessage {
+            role: ChatRole::Assistant,
+            text: outbound.text.clone(),
+            provider_message_id: None,
+            in_reply_to: Some(outbound.in_reply_to.clone()),
+        });
         Ok(record)
     }
 
@@ -313,9 +338,17 @@ impl RelationalStore for MemoryStore {
     ) -> Result<(), PortError> {
         self.failing.check("postgres")?;
         let mut state = lock(&self.state);
-        if let Some((_, r, c)) = state.outbound.iter_mut().find(|(_, r, _)| r.id == outbound_id) {
+        let mut failed = None;
+        if let Some((o, r, c)) = state.outbound.iter_mut().find(|(_, r, _)| r.id == outbound_id) {
             r.status = OutboundStatus::Failed;
             *c = code.map(str::to_owned);
+            failed = Some((o.conversation.clone(), o.in_reply_to.clone()));
+        }
+        // As in PostgreSQL, an answer that never reached the user is not history.
+        if let Some((conversation, in_reply_to)) = failed
+            && let Some(history) = state.history.get_mut(&conversation)
+        {
+            history.retain(|m| m.role != ChatRole::Assistant || m.in_reply_to.as_ref() != Some(&in_reply_to));
         }
         Ok(())
     }

@@ -66,6 +66,15 @@ pub struct WindowKey {
     pub window: Duration,
 }
 
+/// Makes a [`KeyValueStore::hit_windows`] call count once per message: the first call that brings
+/// this key increments the counters; a later one with the same key (a retried job) only reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HitOnce {
+    pub key: String,
+    /// How long the key is remembered: at least the longest window.
+    pub ttl: Duration,
+}
+
 /// A counter's value after the increment, and when its window ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowCount {
@@ -80,8 +89,9 @@ pub trait KeyValueStore: Send + Sync {
     async fn claim(&self, key: &str, value: &str, ttl: Duration) -> Result<Claim, PortError>;
 
     /// Increments every counter by one in one atomic step; a counter starts its window (its TTL)
-    /// at its first increment.
-    async fn hit_windows(&self, keys: &[WindowKey]) -> Result<Vec<WindowCount>, PortError>;
+    /// at its first increment. With `once`, only the first call bearing that key increments;
+    /// later ones return the counters as they are.
+    async fn hit_windows(&self, keys: &[WindowKey], once: Option<&HitOnce>) -> Result<Vec<WindowCount>, PortError>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -111,6 +121,9 @@ pub struct HistoryMessage {
     pub text: String,
     /// The provider id of the message, to recognise the current one in the history.
     pub provider_message_id: Option<ProviderMessageId>,
+    /// For an answer: the inbound message it answers — so that a retried job finds the answer an
+    /// earlier attempt already recorded instead of asking the LLM again.
+    pub in_reply_to: Option<ProviderMessageId>,
 }
 
 /// What the send stage records before it sends.

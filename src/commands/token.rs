@@ -1,4 +1,5 @@
-//! `parley token`: mints a bearer JWT for the admin API, signed with JWT_SECRET.
+//! `parley token`: mints a bearer JWT for the admin API, signed with JWT_SECRET. `--tenant` (an id
+//! or a name) scopes it to a tenant, as the knowledge endpoints require.
 
 use std::{process::ExitCode, time::Duration};
 

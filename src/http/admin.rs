@@ -1,6 +1,6 @@
 //! The admin API, `/api/v1/admin/*` (bearer JWT, role `admin` or `super-admin`), described with
-//! poem-openapi: one `#[OpenApi]` struct per area, combined in [`admin_api`]. Today: the pipeline
-//! reload.
+//! poem-openapi: one `#[OpenApi]` struct per area, combined in [`admin_api`]: the pipeline
+//! reload, and the knowledge base ([`super::knowledge`]).
 
 use std::sync::Arc;
 
@@ -29,7 +29,7 @@ pub struct ErrorBody {
 }
 
 impl ErrorBody {
-    fn new(text: impl Into<String>) -> Json<Self> {
+    pub(crate) fn new(text: impl Into<String>) -> Json<Self> {
         Json(Self { error: text.into() })
     }
 }
@@ -155,7 +155,7 @@ impl PipelinesApi {
 }
 
 /// The admin API's areas, as one OpenAPI service (its server URL is [`ADMIN_PREFIX`]).
-pub type AdminApi = PipelinesApi;
+pub type AdminApi = (PipelinesApi, super::knowledge::KnowledgeApi);
 
 pub fn admin_api(state: &HttpState) -> OpenApiService<AdminApi, ()> {
     let pipelines = PipelinesApi {
@@ -163,5 +163,6 @@ pub fn admin_api(state: &HttpState) -> OpenApiService<AdminApi, ()> {
         reloader: state.reloader.clone(),
         broadcast: state.reload_broadcast.clone(),
     };
-    OpenApiService::new(pipelines, "Parley admin API", env!("CARGO_PKG_VERSION")).server(ADMIN_PREFIX)
+    let knowledge = super::knowledge::KnowledgeApi::new(state.settings.jwt_secret.clone());
+    OpenApiService::new((pipelines, knowledge), "Parley admin API", env!("CARGO_PKG_VERSION")).server(ADMIN_PREFIX)
 }

@@ -92,12 +92,14 @@ pub enum AuthFailure {
     Invalid,
     #[error("role `{0}` may not use this endpoint")]
     Forbidden(String),
+    #[error("this endpoint needs a token scoped to a tenant: mint one with `parley token --role admin --tenant ID`")]
+    NoTenant,
 }
 
 impl AuthFailure {
     /// 401 for a missing, invalid or expired token; 403 for a valid token of the wrong role.
     pub fn is_forbidden(&self) -> bool {
-        matches!(self, Self::Forbidden(_))
+        matches!(self, Self::Forbidden(_) | Self::NoTenant)
     }
 }
 
@@ -136,6 +138,22 @@ pub fn authorize(secret: &SecretString, auth: &BearerAuth, roles: &[&str]) -> Re
     };
     let claims = verify_token(secret, &bearer.token)?;
     if roles.contains(&claims.role.as_str()) { Ok(claims) } else { Err(AuthFailure::Forbidden(claims.role)) }
+}
+
+/// [`authorize`], and the token must name its tenant (`tenant` claim): the tenant's id or name.
+pub fn authorize_tenant(
+    secret: &SecretString,
+    auth: &BearerAuth,
+    roles: &[&str],
+) -> Result<(Claims, String), AuthFailure> {
+    let claims = authorize(secret, auth, roles)?;
+    match claims.tenant.as_deref().map(str::trim) {
+        Some(tenant) if !tenant.is_empty() => {
+            let tenant = tenant.to_owned();
+            Ok((claims, tenant))
+        }
+        _ => Err(AuthFailure::NoTenant),
+    }
 }
 
 #[cfg(test)]
@@ -181,6 +199,16 @@ mod tests {
         let failure = authorize(&secret(), &bearer(token), ADMIN_ROLES).unwrap_err();
         assert!(failure.is_forbidden());
         assert_eq!(failure.to_string(), "role `user` may not use this endpoint");
+    }
+
+    #[test]
+    fn a_tenant_endpoint_refuses_a_token_without_tenant_with_the_fix() {
+        let without = mint_token(&secret(), "admin", None, Duration::from_secs(60)).unwrap();
+        let failure = authorize_tenant(&secret(), &bearer(without), ADMIN_ROLES).unwrap_err();
+        assert!(failure.is_forbidden());
+        assert!(failure.to_string().contains("parley token --role admin --tenant ID"), "{failure}");
+        let with = mint_token(&secret(), "admin", Some("Boutique"), Duration::from_secs(60)).unwrap();
+        assert_eq!(authorize_tenant(&secret(), &bearer(with), ADMIN_ROLES).unwrap().1, "Boutique");
     }
 
     #[test]

@@ -8,12 +8,13 @@
 //! | `/whatsapp/webhook` (410) | [`legacy`] |
 //! | `GET /health`, `GET /ready` | [`health`] |
 //! | `GET /metrics` | [`metrics`] |
-//! | `/api/v1/admin/*` | [`admin`] (per-IP [`rate_limit`]) |
+//! | `/api/v1/admin/*` | [`admin`] (per-IP [`rate_limit`]); `/api/v1/admin/knowledge/*` in [`knowledge`] |
 //! | `/api/v1/docs` (when ENABLE_SWAGGER) | Swagger UI, `/api/v1/docs/openapi.json` |
 
 pub mod admin;
 pub mod auth;
 pub mod health;
+pub mod knowledge;
 pub mod legacy;
 pub mod metrics;
 pub mod rate_limit;

@@ -27,7 +27,9 @@ impl<E: Endpoint> Endpoint for RequestLogEndpoint<E> {
     type Output = Response;
 
     async fn call(&self, req: Request) -> Result<Response> {
-        let span = tracing::info_span!("http_request", method = %req.method(), path = %req.uri().path());
+        // At debug level only: the JSON lines do not print spans, and creating one per request
+        // cost the webhook a measurable share of its CPU (BENCHMARKS.md).
+        let span = tracing::debug_span!("http_request", method = %req.method(), path = %req.uri().path());
         let started = Instant::now();
         let result = self.inner.call(req).instrument(span.clone()).await.map(IntoResponse::into_response);
         let status = match &result {

@@ -4,8 +4,10 @@
 use engine::ports::Embedder;
 use uuid::Uuid;
 
-use super::{IngestOutcome, Ingestor, KnowledgeError, LocalDirectory};
-use crate::store::PgStore;
+use std::sync::Arc;
+
+use super::{IngestOutcome, Ingestor, KnowledgeError, LocalDirectory, ObjectStorage, build_storage};
+use crate::{settings::Settings, store::PgStore};
 
 /// The sample documents: file name and content.
 pub const SAMPLE_DOCUMENTS: &[(&str, &str)] = &[
@@ -15,14 +17,19 @@ pub const SAMPLE_DOCUMENTS: &[(&str, &str)] = &[
     ("paiement.txt", include_str!("../../knowledge/sample/paiement.txt")),
 ];
 
-/// Loads the sample documents into `tenant`'s knowledge base, originals under `KNOWLEDGE_DIR`.
+/// Loads the sample documents into `tenant`'s knowledge base, originals in the configured object
+/// storage (`KNOWLEDGE_DIR` or `GCS_BUCKET_NAME`, read from the environment like the service's).
 /// Idempotent: a second run reports them as duplicates.
 pub async fn seed_sample(
     store: &PgStore,
     embedder: &dyn Embedder,
     tenant: Uuid,
 ) -> Result<Vec<(String, IngestOutcome)>, KnowledgeError> {
-    seed_sample_into(store, embedder, &LocalDirectory::from_env(), tenant).await
+    let storage: Arc<dyn ObjectStorage> = match Settings::from_env() {
+        Ok(settings) => build_storage(&settings)?,
+        Err(_) => Arc::new(LocalDirectory::from_env()),
+    };
+    seed_sample_into(store, embedder, storage.as_ref(), tenant).await
 }
 
 /// [`seed_sample`] with the object storage given.

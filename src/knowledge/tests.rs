@@ -212,3 +212,342 @@ async fn the_sample_knowledge_answers_the_evaluation_questions_with_the_hash_emb
     assert!(hits_at_1 >= 6, "recall@1 = {hits_at_1}/8");
     db.drop_database().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Jobs on the knowledge worker
+
+mod jobs {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+        time::Duration,
+    };
+
+    use engine::{
+        async_trait,
+        events::{MemoryEvents, names},
+        ports::{EmbedPurpose, Embedder, PortError},
+    };
+    use tokio_util::sync::CancellationToken;
+    use uuid::Uuid;
+
+    use super::{status, tenant};
+    use crate::{
+        knowledge::*,
+        providers::embeddings::HashEmbedder,
+        store::{PgStore, testing::TestDatabase},
+    };
+
+    /// The hash embedder behind a switch: the first `failures` calls fail as an unreachable
+    /// service would; each call waits `delay` first.
+    struct FlakyEmbedder {
+        failures: usize,
+        calls: AtomicUsize,
+        delay: Duration,
+    }
+
+    impl FlakyEmbedder {
+        fn new(failures: usize) -> Self {
+            Self { failures, calls: AtomicUsize::new(0), delay: Duration::ZERO }
+        }
+    }
+
+    #[async_trait]
+    impl Embedder for FlakyEmbedder {
+        fn dimensions(&self) -> usize {
+            HashEmbedder::default().dimensions()
+        }
+        async fn embed(&self, texts: &[String], purpose: EmbedPurpose) -> Result<Vec<Vec<f32>>, PortError> {
+            tokio::time::sleep(self.delay).await;
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.failures {
+                return Err(PortError::unavailable("embeddings", "connection refused"));
+            }
+            HashEmbedder::default().embed(texts, purpose).await
+        }
+    }
+
+    struct Bench {
+        db: TestDatabase,
+        store: PgStore,
+        storage: Arc<dyn ObjectStorage>,
+        events: MemoryEvents,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Bench {
+        async fn new() -> Self {
+            let db = TestDatabase::create().await;
+            let store = PgStore::new(db.pool.clone());
+            let dir = tempfile::tempdir().unwrap();
+            let storage: Arc<dyn ObjectStorage> = Arc::new(LocalDirectory::new(dir.path()));
+            Self { db, store, storage, events: MemoryEvents::new(), _dir: dir }
+        }
+
+        fn worker(&self, id: &str, embedder: Arc<dyn Embedder>, retry: RetryPolicy) -> KnowledgeWorker {
+            let config = KnowledgeWorkerConfig {
+                poll_interval: Duration::from_millis(50),
+                lease: Duration::from_secs(30),
+                retry,
+                ..KnowledgeWorkerConfig::new(id)
+            };
+            KnowledgeWorker::new(
+                config,
+                self.store.clone(),
+                embedder,
+                self.storage.clone(),
+                Arc::new(self.events.clone()),
+            )
+        }
+
+        async fn upload(&self, tenant: Uuid, name: &str, content: &str) -> Uuid {
+            match upload(&self.store, self.storage.as_ref(), tenant, name, content.as_bytes()).await.unwrap() {
+                UploadOutcome::Uploaded { document_id } => document_id,
+                other => panic!("{other:?}"),
+            }
+        }
+
+        /// Waits until the document is indexed or failed, and returns its status and error.
+        async fn settled(&self, id: Uuid) -> (String, Option<String>) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let states = document_states(&self.store, &[id]).await.unwrap();
+                if states.first().is_some_and(|s| s.is_final()) {
+                    return status(&self.db, id).await;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "document {id} never settled: {states:?}");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+
+        async fn attempts(&self, id: Uuid) -> i32 {
+            document_states(&self.store, &[id]).await.unwrap()[0].attempts
+        }
+
+        async fn chunks(&self, id: Uuid) -> Vec<String> {
+            sqlx::query_scalar("SELECT text FROM knowledge_chunks WHERE document_id = $1 ORDER BY ordinal")
+                .bind(id)
+                .fetch_all(&self.db.pool)
+                .await
+                .unwrap()
+        }
+
+        fn events_for(&self, name: &str, id: Uuid) -> usize {
+            self.events
+                .named(name)
+                .iter()
+                .filter(|e| e.field("documentId").and_then(|v| v.as_str()) == Some(&id.to_string()))
+                .count()
+        }
+    }
+
+    const FAQ: &str = "# Horaires\n\nLa boutique est ouverte du lundi au samedi de 9h à 19h.\n\n## Dimanche\n\nFermé le dimanche, sauf en décembre.";
+
+    fn fast_retries(max_attempts: u32) -> RetryPolicy {
+        RetryPolicy { max_attempts, backoff_base: Duration::from_millis(20), backoff_max: Duration::from_millis(40) }
+    }
+
+    #[tokio::test]
+    async fn a_failing_embedder_is_retried_with_backoff_then_the_document_is_indexed_once() {
+        let bench = Bench::new().await;
+        let shop = tenant(&bench.store, "Boutique", None).await;
+        let id = bench.upload(shop, "horaires.md", FAQ).await;
+        assert_eq!(status(&bench.db, id).await, ("uploaded".into(), None), "an upload only queues");
+
+        let stop = CancellationToken::new();
+        let worker = bench.worker("w1", Arc::new(FlakyEmbedder::new(2)), fast_retries(5));
+        let running = tokio::spawn(worker.run(stop.clone()));
+        assert_eq!(bench.settled(id).await, ("indexed".into(), None));
+        stop.cancel();
+        running.await.unwrap();
+
+        assert_eq!(bench.attempts(id).await, 3, "two failures, then success");
+        let retries = bench.events.named(names::KNOWLEDGE_JOB_RETRY);
+        assert_eq!(retries.len(), 2);
+        assert_eq!(retries[0].field("attempt"), Some(&1.into()));
+        assert_eq!(retries[0].field("delayMs"), Some(&20.into()));
+        assert_eq!(retries[1].field("delayMs"), Some(&40.into()));
+        let error = retries[0].field("error").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        assert!(error.contains("embedding failed: embeddings: connection refused"), "{error}");
+        assert_eq!(bench.events_for(names::KNOWLEDGE_DOCUMENT_INDEXED, id), 1);
+        assert!(!bench.chunks(id).await.is_empty());
+        bench.db.drop_database().await;
+    }
+
+    #[tokio::test]
+    async fn an_embedder_that_stays_down_ends_the_document_in_error_after_the_last_attempt() {
+        let bench = Bench::new().await;
+        let shop = tenant(&bench.store, "Boutique", None).await;
+        let id = bench.upload(shop, "horaires.md", FAQ).await;
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(
+            bench.worker("w1", Arc::new(FlakyEmbedder::new(usize::MAX)), fast_retries(3)).run(stop.clone()),
+        );
+        let (state, error) = bench.settled(id).await;
+        stop.cancel();
+        running.await.unwrap();
+        assert_eq!(state, "error");
+        assert_eq!(
+            error.as_deref(),
+            Some("gave up after 3 attempts: embedding failed: embeddings: connection refused")
+        );
+        assert_eq!(bench.events.count(names::KNOWLEDGE_JOB_RETRY), 2);
+        assert_eq!(bench.events_for(names::KNOWLEDGE_DOCUMENT_FAILED, id), 1);
+        assert!(bench.chunks(id).await.is_empty());
+        bench.db.drop_database().await;
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_pdf_fails_at_once_with_its_reason_and_is_not_retried() {
+        let bench = Bench::new().await;
+        let shop = tenant(&bench.store, "Boutique", None).await;
+        let corrupt = "%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 9 0 R >> endobj\nxref\nbroken\n%%EOF";
+        let id = bench.upload(shop, "tarifs.pdf", corrupt).await;
+        let stop = CancellationToken::new();
+        let running =
+            tokio::spawn(bench.worker("w1", Arc::new(HashEmbedder::default()), fast_retries(5)).run(stop.clone()));
+        let (state, error) = bench.settled(id).await;
+        stop.cancel();
+        running.await.unwrap();
+        assert_eq!(state, "error");
+        assert!(error.as_deref().unwrap_or_default().starts_with("unreadable PDF"), "{error:?}");
+        assert_eq!(bench.attempts(id).await, 1);
+        assert_eq!(bench.events.count(names::KNOWLEDGE_JOB_RETRY), 0);
+        bench.db.drop_database().await;
+    }
+
+    #[tokio::test]
+    async fn a_job_interrupted_mid_index_is_picked_up_again_and_indexed_exactly_once() {
+        let bench = Bench::new().await;
+        let shop = tenant(&bench.store, "Boutique", None).await;
+        let id = bench.upload(shop, "horaires.md", FAQ).await;
+        let busy = bench.upload(shop, "autre.md", "# Autre\n\nUn document qu'un worker vivant indexe.").await;
+        // A worker died while indexing `id` (its lease ran out), having left a stray chunk; another
+        // one is alive and working on `busy`.
+        sqlx::query(
+            "UPDATE knowledge_documents SET status = 'indexing', attempts = 1, locked_by = 'dead-worker',
+                    locked_until = now() - interval '1 second' WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&bench.db.pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO knowledge_chunks (document_id, tenant_id, ordinal, text, embedding)
+             VALUES ($1, $2, 0, 'stray half-indexed chunk', array_fill(0.5, ARRAY[768])::vector)",
+        )
+        .bind(id)
+        .bind(shop)
+        .execute(&bench.db.pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "UPDATE knowledge_documents SET status = 'indexing', attempts = 1, locked_by = 'live-worker',
+                    locked_until = now() + interval '1 hour' WHERE id = $1",
+        )
+        .bind(busy)
+        .execute(&bench.db.pool)
+        .await
+        .unwrap();
+
+        let stop = CancellationToken::new();
+        let running =
+            tokio::spawn(bench.worker("w2", Arc::new(HashEmbedder::default()), fast_retries(5)).run(stop.clone()));
+        assert_eq!(bench.settled(id).await, ("indexed".into(), None));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.cancel();
+        running.await.unwrap();
+
+        let expected = chunk::chunk(FAQ, chunk::ChunkOptions::default()).len();
+        let chunks = bench.chunks(id).await;
+        assert_eq!(chunks.len(), expected, "{chunks:?}");
+        assert!(chunks.iter().all(|c| c != "stray half-indexed chunk"));
+        assert_eq!(bench.attempts(id).await, 2);
+        assert_eq!(bench.events_for(names::KNOWLEDGE_DOCUMENT_INDEXED, id), 1);
+        assert_eq!(status(&bench.db, busy).await.0, "indexing", "a live lease is left alone");
+        // Counted once against the plan: one row per upload, its bytes once.
+        let (documents, bytes): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(bytes), 0)::bigint FROM knowledge_documents WHERE tenant_id = $1",
+        )
+        .bind(shop)
+        .fetch_one(&bench.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (documents, bytes),
+            (2, (FAQ.len() + "# Autre\n\nUn document qu'un worker vivant indexe.".len()) as i64)
+        );
+        bench.db.drop_database().await;
+    }
+
+    #[tokio::test]
+    async fn two_workers_share_the_queue_and_index_each_document_once() {
+        let bench = Bench::new().await;
+        let shop = tenant(&bench.store, "Boutique", None).await;
+        let mut ids = Vec::new();
+        for i in 0..8 {
+            ids.push(
+                bench.upload(shop, &format!("doc{i}.md"), &format!("# Document {i}\n\nContenu numéro {i}.")).await,
+            );
+        }
+        let stop = CancellationToken::new();
+        let a = tokio::spawn(bench.worker("a", Arc::new(HashEmbedder::default()), fast_retries(5)).run(stop.clone()));
+        let b = tokio::spawn(bench.worker("b", Arc::new(HashEmbedder::default()), fast_retries(5)).run(stop.clone()));
+        for id in &ids {
+            assert_eq!(bench.settled(*id).await.0, "indexed");
+        }
+        stop.cancel();
+        a.await.unwrap();
+        b.await.unwrap();
+        for id in &ids {
+            assert_eq!(bench.events_for(names::KNOWLEDGE_DOCUMENT_INDEXED, *id), 1, "{id}");
+            assert_eq!(bench.attempts(*id).await, 1);
+        }
+        bench.db.drop_database().await;
+    }
+
+    #[tokio::test]
+    async fn a_stopped_worker_gives_its_document_back_to_the_queue_at_once() {
+        let bench = Bench::new().await;
+        let shop = tenant(&bench.store, "Boutique", None).await;
+        let id = bench.upload(shop, "horaires.md", FAQ).await;
+        let slow = FlakyEmbedder { delay: Duration::from_secs(30), ..FlakyEmbedder::new(0) };
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(bench.worker("w1", Arc::new(slow), fast_retries(5)).run(stop.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while status(&bench.db, id).await.0 != "indexing" {
+            assert!(tokio::time::Instant::now() < deadline, "never claimed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), running).await.expect("the worker stops promptly").unwrap();
+        assert_eq!(status(&bench.db, id).await.0, "uploaded");
+        assert_eq!(bench.attempts(id).await, 0, "the interrupted attempt is not counted");
+        bench.db.drop_database().await;
+    }
+
+    #[tokio::test]
+    async fn a_reindex_queues_the_document_again_and_a_worker_indexes_it() {
+        let bench = Bench::new().await;
+        let shop = tenant(&bench.store, "Boutique", None).await;
+        let embedder = HashEmbedder::default();
+        let ingestor = Ingestor::new(&bench.store, &embedder, bench.storage.as_ref());
+        let IngestOutcome::Indexed { document_id: id, chunks } =
+            ingestor.ingest(shop, "horaires.md", FAQ.as_bytes()).await.unwrap()
+        else {
+            panic!("inline ingest indexes")
+        };
+        ingestor.queue_reindex(shop, id).await.unwrap();
+        assert_eq!(status(&bench.db, id).await.0, "uploaded");
+        assert!(matches!(ingestor.queue_reindex(shop, Uuid::new_v4()).await, Err(KnowledgeError::DocumentNotFound(_))));
+        let stop = CancellationToken::new();
+        let running =
+            tokio::spawn(bench.worker("w1", Arc::new(HashEmbedder::default()), fast_retries(5)).run(stop.clone()));
+        assert_eq!(bench.settled(id).await, ("indexed".into(), None));
+        stop.cancel();
+        running.await.unwrap();
+        assert_eq!(bench.chunks(id).await.len(), chunks);
+        bench.db.drop_database().await;
+    }
+}

@@ -69,6 +69,20 @@ pub enum QueueError {
     Reply { op: &'static str, message: String },
 }
 
+/// One more attempt at a job (field ARGV[1] of the attempts hash): an absent count stands for the
+/// unrecorded first attempt, so the result is at least 2.
+static NEXT_ATTEMPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+if n == 1 then
+  n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+end
+return n
+",
+    )
+});
+
 /// One entry read from a shard stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueEntry {
@@ -83,6 +97,9 @@ pub struct QueueEntry {
     /// The event's JSON as stored, kept for the dead-letter stream. Holds the user's number and
     /// text: never log it.
     pub payload: Option<String>,
+    /// Read as a new entry (`XREADGROUP … >`): never delivered before, so this is its first
+    /// attempt, known without asking Redis. False for an entry claimed from another consumer.
+    pub first_delivery: bool,
 }
 
 /// An entry of the dead-letter stream.
@@ -332,7 +349,7 @@ impl Queue {
                 .unwrap_or_default()
                 .into_iter()
                 .flat_map(|k| k.ids)
-                .map(|id| entry(shard, id))
+                .map(|id| entry(shard, id, true))
                 .collect()
         }))
     }
@@ -387,7 +404,7 @@ impl Queue {
                 redis::cmd("XCLAIM").arg(&key).arg(GROUP).arg(consumer).arg(0).arg(&foreign).query_async(&mut conn),
             )
             .await?;
-            claimed = reply.ids.into_iter().map(|id| entry(shard, id)).collect();
+            claimed = reply.ids.into_iter().map(|id| entry(shard, id, false)).collect();
         }
         if exhausted {
             self.forget_idle_consumers(&key, consumer).await?;
@@ -435,16 +452,31 @@ impl Queue {
         pipe.cmd("HDEL").arg(self.attempts_key()).arg(&entry.job_id).ignore();
     }
 
-    /// Counts one more attempt at the entry's job and returns the new count (1 for the first).
-    /// Kept in Redis, so the count survives worker restarts and takeovers.
+    /// The number of the attempt about to start at the entry's job: 1 for a newly read entry
+    /// (no Redis call: every message's first attempt costs nothing here), else one more than the
+    /// attempts counted so far. Kept in Redis, so the count survives worker restarts and takeovers.
+    ///
+    /// The first attempt is never written down: when the count is absent, an entry that is not
+    /// newly read (a retry, or one claimed from a dead consumer) is at least at its second attempt.
+    /// An entry claimed from a consumer that died before starting it thus counts one attempt it
+    /// never had — erring towards the dead-letter stream, never towards retrying forever.
     pub async fn begin_attempt(&self, entry: &QueueEntry) -> Result<u32, QueueError> {
+        if entry.first_delivery {
+            return Ok(1);
+        }
+        self.count_attempt(entry).await
+    }
+
+    /// [`Queue::begin_attempt`] for a retry of an entry already being processed by this worker.
+    pub async fn begin_retry(&self, entry: &QueueEntry) -> Result<u32, QueueError> {
+        self.count_attempt(entry).await
+    }
+
+    async fn count_attempt(&self, entry: &QueueEntry) -> Result<u32, QueueError> {
         let mut conn = self.conn.clone();
-        let n: i64 = bounded(
-            "HINCRBY",
-            self.op_timeout,
-            redis::cmd("HINCRBY").arg(self.attempts_key()).arg(&entry.job_id).arg(1).query_async(&mut conn),
-        )
-        .await?;
+        let mut invocation = NEXT_ATTEMPT.key(self.attempts_key());
+        invocation.arg(&entry.job_id);
+        let n: i64 = bounded("next attempt", self.op_timeout, invocation.invoke_async(&mut conn)).await?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
@@ -539,9 +571,16 @@ fn job_id(shard: u32, entry_id: &str) -> String {
     format!("stream:{shard}:{entry_id}")
 }
 
-fn entry(shard: u32, id: StreamId) -> QueueEntry {
+fn entry(shard: u32, id: StreamId, first_delivery: bool) -> QueueEntry {
     let payload: Option<String> = id.get(EVENT_FIELD);
-    QueueEntry { shard, job_id: job_id(shard, &id.id), event: decode(payload.as_deref()), payload, entry_id: id.id }
+    QueueEntry {
+        shard,
+        job_id: job_id(shard, &id.id),
+        event: decode(payload.as_deref()),
+        payload,
+        entry_id: id.id,
+        first_delivery,
+    }
 }
 
 /// The event of an entry. A decoding error may quote a piece of the payload: numbers masked.
@@ -748,9 +787,10 @@ pub(crate) mod tests {
         let entry = queue.read_new(0, "w1", 1, Duration::from_millis(10)).await.unwrap().remove(0);
 
         assert_eq!(queue.begin_attempt(&entry).await.unwrap(), 1);
-        assert_eq!(queue.begin_attempt(&entry).await.unwrap(), 2);
+        assert_eq!(queue.begin_retry(&entry).await.unwrap(), 2);
         let restarted = Queue::new(shared_redis().await, prefix.clone(), 1);
         let taken = restarted.claim_pending(0, "w2", 10).await.unwrap().remove(0);
+        assert!(!taken.first_delivery);
         assert_eq!(restarted.begin_attempt(&taken).await.unwrap(), 3);
 
         restarted.ack(&taken).await.unwrap();
@@ -761,6 +801,28 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert!(!left);
+        delete_prefix(queue.connection(), &prefix).await;
+    }
+
+    #[tokio::test]
+    async fn a_first_attempt_costs_no_redis_call_and_a_takeover_after_it_counts_as_the_second() {
+        let (queue, prefix) = queue(1).await;
+        queue.enqueue(&[message("33612345678", "wamid.1", "hi")]).await.unwrap();
+        let entry = queue.read_new(0, "w1", 1, Duration::from_millis(10)).await.unwrap().remove(0);
+
+        assert!(entry.first_delivery);
+        assert_eq!(queue.begin_attempt(&entry).await.unwrap(), 1);
+        let written: bool = redis::cmd("HEXISTS")
+            .arg(queue.attempts_key())
+            .arg(&entry.job_id)
+            .query_async(&mut queue.connection().clone())
+            .await
+            .unwrap();
+        assert!(!written, "the first attempt is not written down");
+        // w1 dies during its first attempt; w2 takes the entry over.
+        let taken = queue.claim_pending(0, "w2", 10).await.unwrap().remove(0);
+        assert_eq!(queue.begin_attempt(&taken).await.unwrap(), 2);
+        assert_eq!(queue.begin_retry(&taken).await.unwrap(), 3);
         delete_prefix(queue.connection(), &prefix).await;
     }
 

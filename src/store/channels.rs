@@ -1,5 +1,17 @@
 //! Channel → tenant resolution: the business number of a webhook event to its channel, tenant,
-//! plan limits and default assistant, in one query.
+//! plan limits and default assistant, in one query — and [`PgStore::resolve_channel_cached`], the
+//! same kept for [`CHANNEL_CACHE_TTL`] per process, which the worker uses for every message.
+//!
+//! Channels, plans and assistants change rarely; reading them again for every message would be a
+//! PostgreSQL round trip per message for nothing. A change (a new plan, a monthly limit override, a
+//! new system prompt, rotated credentials) reaches the workers within the TTL. Numbers that no
+//! channel owns are not cached, so a channel created for a new number works at once.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use engine::{
     ids::{ChannelId, TenantId},
@@ -24,7 +36,64 @@ struct ChannelRow {
     temperature: Option<f32>,
 }
 
+/// How long a resolved channel is used before it is read again.
+pub const CHANNEL_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// The resolved channels of one process (see the module's documentation).
+#[derive(Debug)]
+pub(super) struct ChannelCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<String, (Instant, ChannelContext)>>,
+}
+
+/// The cache stops growing here; it is emptied and refilled from the store (more channels than
+/// this in one deployment only cost a read per message once it is full).
+const CHANNEL_CACHE_CAPACITY: usize = 100_000;
+
+impl ChannelCache {
+    pub(super) fn new(ttl: Duration) -> Self {
+        Self { ttl, entries: Mutex::new(HashMap::new()) }
+    }
+
+    fn get(&self, phone_number_id: &str) -> Option<ChannelContext> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match entries.get(phone_number_id) {
+            Some((read_at, context)) if read_at.elapsed() < self.ttl => Some(context.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, phone_number_id: &str, context: &ChannelContext) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= CHANNEL_CACHE_CAPACITY && !entries.contains_key(phone_number_id) {
+            entries.retain(|_, (read_at, _)| read_at.elapsed() < self.ttl);
+            if entries.len() >= CHANNEL_CACHE_CAPACITY {
+                entries.clear();
+            }
+        }
+        entries.insert(phone_number_id.to_owned(), (Instant::now(), context.clone()));
+    }
+
+    fn forget(&self, phone_number_id: &str) {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(phone_number_id);
+    }
+}
+
 impl PgStore {
+    /// [`Self::resolve_channel`] through this process's cache: read from PostgreSQL at most once
+    /// per [`CHANNEL_CACHE_TTL`] per known number.
+    pub async fn resolve_channel_cached(&self, phone_number_id: &str) -> Result<Option<ChannelContext>, StoreError> {
+        if let Some(context) = self.channels.get(phone_number_id) {
+            return Ok(Some(context));
+        }
+        let found = self.resolve_channel(phone_number_id).await?;
+        match &found {
+            Some(context) => self.channels.put(phone_number_id, context),
+            None => self.channels.forget(phone_number_id),
+        }
+        Ok(found)
+    }
+
     /// The channel of `phone_number_id` with its tenant; `None` for a number no tenant owns.
     pub async fn resolve_channel(&self, phone_number_id: &str) -> Result<Option<ChannelContext>, StoreError> {
         // The limit: the tenant's override, else its plan's (NULL = unlimited), else — without a
@@ -159,6 +228,42 @@ mod tests {
         assert_eq!(limit(store.resolve_channel("P-A").await.unwrap()), None);
         assert_eq!(limit(store.resolve_channel("P-B").await.unwrap()), Some(5));
         assert_eq!(limit(store.resolve_channel("P-C").await.unwrap()), Some(1000));
+        db.drop_database().await;
+    }
+
+    #[tokio::test]
+    async fn cached_resolution_reads_a_known_number_once_per_ttl_and_never_caches_unknown_numbers() {
+        let db = TestDatabase::create().await;
+        let mut store = PgStore::new(db.pool.clone());
+        store.channels = std::sync::Arc::new(ChannelCache::new(Duration::from_millis(300)));
+        store.seed_defaults().await.unwrap();
+        let seed = |pnid: &str, monthly: i64| SeedTenant {
+            name: format!("Tenant {pnid}"),
+            phone_number_id: pnid.into(),
+            plan: None,
+            monthly_messages: Some(monthly),
+            provider: "meta".into(),
+        };
+        store.seed_tenant(&seed("PNID-C1", 10)).await.unwrap();
+        let limit = |c: Option<ChannelContext>| c.expect("known number").tenant.monthly_message_limit;
+
+        assert_eq!(limit(store.resolve_channel_cached("PNID-C1").await.unwrap()), Some(10));
+        sqlx::query("UPDATE tenants SET monthly_message_limit_override = 20").execute(&db.pool).await.unwrap();
+        assert_eq!(
+            limit(store.resolve_channel_cached("PNID-C1").await.unwrap()),
+            Some(10),
+            "within the TTL the cached channel is used"
+        );
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(limit(store.resolve_channel_cached("PNID-C1").await.unwrap()), Some(20), "read again after it");
+
+        assert!(store.resolve_channel_cached("PNID-NEW").await.unwrap().is_none());
+        store.seed_tenant(&seed("PNID-NEW", 5)).await.unwrap();
+        assert_eq!(
+            limit(store.resolve_channel_cached("PNID-NEW").await.unwrap()),
+            Some(5),
+            "an unknown number is not cached: its new channel works at once"
+        );
         db.drop_database().await;
     }
 }

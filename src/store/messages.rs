@@ -238,8 +238,9 @@ impl PgStore {
         limit: usize,
     ) -> Result<Vec<HistoryMessage>, StoreError> {
         let conversation = parse_id("conversation", conversation.as_str())?;
-        let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT direction, body, provider_message_id FROM messages
+        type Row = (String, Option<String>, Option<String>, Option<String>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT direction, body, provider_message_id, in_reply_to FROM messages
              WHERE conversation_id = $1 AND NOT (direction = 'outbound' AND status = 'failed')
              ORDER BY created_at DESC, id DESC
              LIMIT $2",
@@ -251,10 +252,11 @@ impl PgStore {
         Ok(rows
             .into_iter()
             .rev()
-            .map(|(direction, body, provider_message_id)| HistoryMessage {
+            .map(|(direction, body, provider_message_id, in_reply_to)| HistoryMessage {
                 role: if direction == "inbound" { ChatRole::User } else { ChatRole::Assistant },
                 text: body.unwrap_or_default(),
                 provider_message_id: provider_message_id.map(ProviderMessageId::new),
+                in_reply_to: in_reply_to.map(ProviderMessageId::new),
             })
             .collect())
     }

@@ -8,6 +8,7 @@
 
 mod channels;
 mod knowledge;
+mod media;
 mod messages;
 mod ports;
 mod quota;
@@ -29,6 +30,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
+pub use media::{InboundMedia, StoredMedia};
 pub use messages::{InboundOutcome, NewInbound, OutboundView, RecordedInbound};
 pub use seed::{SeedReport, SeedTenant, SeededTenant};
 pub use spool::SpoolRow;
@@ -197,10 +199,11 @@ pub struct ChannelContext {
     pub credentials: ChannelCredentials,
 }
 
-/// The PostgreSQL store. Cheap to clone (the pool is shared).
+/// The PostgreSQL store. Cheap to clone (the pool and the channel cache are shared).
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    channels: std::sync::Arc<channels::ChannelCache>,
 }
 
 impl fmt::Debug for PgStore {
@@ -211,7 +214,7 @@ impl fmt::Debug for PgStore {
 
 impl PgStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self { pool, channels: std::sync::Arc::new(channels::ChannelCache::new(channels::CHANNEL_CACHE_TTL)) }
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -137,25 +137,35 @@ impl LlmStage {
         (!parts.is_empty()).then(|| parts.join("\n\n"))
     }
 
-    /// The last `history` messages before the current one, oldest first.
-    async fn history_for(&self, msg: &Message) -> Result<Vec<ChatMessage>, StageError> {
-        if self.history == 0 {
-            return Ok(Vec::new());
+    /// The last `history` messages before the current one, oldest first, and the answer to the
+    /// current one if an earlier attempt of this job already recorded it.
+    async fn history_for(&self, msg: &Message) -> Result<(Vec<ChatMessage>, Option<String>), StageError> {
+        let retried = msg.job.attempt > 1;
+        if self.history == 0 && !retried {
+            return Ok((Vec::new(), None));
         }
-        // One more than needed: the worker may already have stored the current message, which is
-        // sent once, last, and must not also count as history.
-        let recent = self.store.recent_messages(&msg.conversation.id, self.history + 1).await?;
+        // Two more than needed: the worker has stored the current message, and a retried job may
+        // have recorded its answer; neither counts as history.
+        let recent = self.store.recent_messages(&msg.conversation.id, self.history + 2).await?;
         let current = &msg.inbound.provider_message_id;
-        let mut earlier: Vec<ChatMessage> = recent
-            .into_iter()
-            .filter(|m| m.provider_message_id.as_ref() != Some(current))
+        let mut recorded = None;
+        let mut earlier = Vec::with_capacity(recent.len());
+        for m in recent {
+            if m.provider_message_id.as_ref() == Some(current) {
+                continue;
+            }
+            if m.role == ChatRole::Assistant && m.in_reply_to.as_ref() == Some(current) {
+                recorded = Some(m.text);
+                continue;
+            }
             // The system message is ours to write; providers reject empty turns.
-            .filter(|m| m.role != ChatRole::System && !m.text.trim().is_empty())
-            .map(|m| ChatMessage { role: m.role, content: m.text })
-            .collect();
+            if m.role != ChatRole::System && !m.text.trim().is_empty() {
+                earlier.push(ChatMessage { role: m.role, content: m.text });
+            }
+        }
         let excess = earlier.len().saturating_sub(self.history);
         earlier.drain(..excess);
-        Ok(earlier)
+        Ok((earlier, recorded.filter(|t| !t.trim().is_empty())))
     }
 }
 
@@ -183,7 +193,14 @@ fn knowledge_section(header: &str, chunks: &[KnowledgeChunk]) -> String {
 impl Stage for LlmStage {
     async fn process(&self, msg: &mut Message, cx: &StageContext<'_>) -> Result<Decision, StageError> {
         let (model, model_source) = self.model_for(msg);
-        let history = self.history_for(msg).await?;
+        let (history, recorded) = self.history_for(msg).await?;
+        if let Some(text) = recorded {
+            // A retry (the send failed or timed out after the answer was recorded): the recorded
+            // answer is the one the send stage will deliver; asking again would only cost tokens.
+            cx.emit(Event::info(names::LLM_ANSWER_REUSED).with("attempt", msg.job.attempt));
+            msg.reply = Some(Reply { text, source: ReplySource::Llm });
+            return Ok(Decision::Continue);
+        }
         let history_len = history.len();
 
         let mut messages = Vec::with_capacity(history_len + 2);
@@ -243,7 +260,12 @@ mod tests {
     fn history(bench: &TestBench, role: ChatRole, text: &str, id: Option<&str>) {
         bench.store.push_history(
             &engine::ids::ConversationId::new("conv-1"),
-            HistoryMessage { role, text: text.into(), provider_message_id: id.map(ProviderMessageId::new) },
+            HistoryMessage {
+                role,
+                text: text.into(),
+                provider_message_id: id.map(ProviderMessageId::new),
+                in_reply_to: None,
+            },
         );
     }
 
@@ -286,6 +308,59 @@ mod tests {
         assert_eq!(request.max_tokens, Some(512));
         assert_eq!(request.model, None);
         assert_eq!(request.temperature, None);
+    }
+
+    #[tokio::test]
+    async fn a_retried_job_reuses_the_answer_an_earlier_attempt_recorded_instead_of_asking_again() {
+        let bench = TestBench::new();
+        bench.llm.answer_with("Une nouvelle réponse");
+        let pipeline = bench.stage("kind = \"llm\"");
+        let mut msg = bench.message("Vous livrez le dimanche ?");
+        let current = msg.inbound.provider_message_id.clone();
+        history(&bench, ChatRole::User, "Vous livrez le dimanche ?", Some(current.as_str()));
+        // The first attempt recorded its answer, then the send failed.
+        bench.store.push_history(
+            &msg.conversation.id,
+            HistoryMessage {
+                role: ChatRole::Assistant,
+                text: "Non, pas le dimanche.".into(),
+                provider_message_id: None,
+                in_reply_to: Some(current.clone()),
+            },
+        );
+        msg.job.attempt = 2;
+
+        assert_eq!(bench.run(&pipeline, &mut msg).await, Outcome::Completed);
+
+        assert!(bench.llm.requests().is_empty(), "the LLM is not asked again");
+        assert_eq!(msg.reply, Some(Reply { text: "Non, pas le dimanche.".into(), source: ReplySource::Llm }));
+        assert!(bench.events.names().contains(&names::LLM_ANSWER_REUSED));
+        assert!(!bench.events.names().contains(&names::LLM_REQUEST));
+    }
+
+    #[tokio::test]
+    async fn a_retried_job_without_a_recorded_answer_asks_the_llm_even_without_history() {
+        let bench = TestBench::new();
+        bench.llm.answer_with("Oui.");
+        let pipeline = bench.stage("kind = \"llm\"\nhistory = 0");
+        let mut msg = bench.message("Vous livrez le dimanche ?");
+        // An answer to another message is not this message's answer.
+        bench.store.push_history(
+            &msg.conversation.id,
+            HistoryMessage {
+                role: ChatRole::Assistant,
+                text: "Bonjour !".into(),
+                provider_message_id: None,
+                in_reply_to: Some(ProviderMessageId::new("wamid.other")),
+            },
+        );
+        msg.job.attempt = 3;
+
+        assert_eq!(bench.run(&pipeline, &mut msg).await, Outcome::Completed);
+
+        assert_eq!(bench.llm.requests().len(), 1);
+        assert_eq!(bench.llm.requests()[0].messages.len(), 2, "history = 0: instructions and the question only");
+        assert_eq!(msg.reply.map(|r| r.text), Some("Oui.".into()));
     }
 
     #[tokio::test]

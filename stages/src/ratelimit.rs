@@ -8,7 +8,7 @@ use engine::{
     events::{Event, names},
     masking::sender_pseudonym,
     message::Message,
-    ports::{Claim, KeyValueStore, Resources, WindowCount, WindowKey},
+    ports::{Claim, HitOnce, KeyValueStore, Resources, WindowCount, WindowKey},
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -170,7 +170,13 @@ impl Stage for RateLimit {
             },
             WindowKey { key: format!("ratelimit:sender:{tenant}:{sender}"), window: self.sender.window.get() },
         ];
-        let counts = self.kv.hit_windows(&windows).await?;
+        // A retried job must not count its message again (the user would be limited for messages
+        // they sent once): the provider's message id makes the hit count once.
+        let once = HitOnce {
+            key: format!("ratelimit:seen:{tenant}:{}", msg.inbound.provider_message_id),
+            ttl: self.conversation.window.get().max(self.sender.window.get()),
+        };
+        let counts = self.kv.hit_windows(&windows, Some(&once)).await?;
         let [conversation, sender] = counts[..] else {
             return Err(StageError::Internal(format!(
                 "the key-value store returned {} counters for {} windows",
@@ -412,6 +418,25 @@ mod tests {
         assert_eq!(retry.reply.as_ref().map(|r| r.text.as_str()), Some(notices::RATE_LIMITED));
         let last = rate_limited(&bench).pop().expect("an event");
         assert_eq!(last.field("alreadyNotified"), Some(&false.into()));
+    }
+
+    #[tokio::test]
+    async fn retries_of_an_answered_message_do_not_count_it_again() {
+        let bench = TestBench::new();
+        let pipeline = bench.stage(STAGE);
+        let runs = send(&bench, &pipeline, 4).await;
+        // The fourth message's job fails after this stage (say, at send) and is retried twice.
+        for _ in 0..2 {
+            let mut retry = bench.retry(&runs[3].1);
+            assert_eq!(bench.run(&pipeline, &mut retry).await, Outcome::Completed, "the retry still passes");
+        }
+
+        let fifth = send(&bench, &pipeline, 1).await;
+        let sixth = send(&bench, &pipeline, 1).await;
+
+        assert_eq!(fifth[0].0, Outcome::Completed, "the fifth message is within the limit of 5");
+        assert_eq!(sixth[0].0, Outcome::Replied { stage: "ratelimit".into() }, "the sixth is the first over it");
+        assert_eq!(rate_limited(&bench)[0].field("count"), Some(&6.into()));
     }
 
     #[tokio::test]

@@ -78,6 +78,14 @@ pub struct MetaState {
     /// While set, sends answer this (status, Meta error code).
     pub fail_with: Mutex<Option<(u16, i64)>>,
     pub authorization: Mutex<Vec<String>>,
+    /// Read receipts (`"status": "read"` bodies), apart from the sends.
+    pub read_receipts: Mutex<Vec<Value>>,
+    /// Files served by the media API, by media id: (mime type, bytes).
+    pub media: Mutex<BTreeMap<String, (String, Vec<u8>)>>,
+    /// Every media API request: (path, `Authorization` header).
+    pub media_requests: Mutex<Vec<(String, String)>>,
+    /// How many of the next media lookups answer 503.
+    pub media_unavailable: Mutex<usize>,
 }
 
 #[handler]
@@ -89,6 +97,10 @@ async fn meta_send(
 ) -> poem::Response {
     let auth = req.header("authorization").unwrap_or_default().to_owned();
     state.authorization.lock().unwrap().push(auth);
+    if body["status"] == "read" {
+        state.read_receipts.lock().unwrap().push(body);
+        return poem::Response::builder().content_type("application/json").body(json!({"success": true}).to_string());
+    }
     if let Some((status, code)) = *state.fail_with.lock().unwrap() {
         *state.refused.lock().unwrap() += 1;
         return poem::Response::builder()
@@ -107,6 +119,70 @@ async fn meta_send(
         .body(json!({"messaging_product": "whatsapp", "contacts": [], "messages": [{"id": id}]}).to_string())
 }
 
+impl MetaState {
+    /// Records a media API request and returns the file `media_id`, if served.
+    fn media_request(&self, req: &poem::Request, media_id: &str) -> Option<(String, Vec<u8>)> {
+        let auth = req.header("authorization").unwrap_or_default().to_owned();
+        self.media_requests.lock().unwrap().push((req.uri().path().to_owned(), auth));
+        self.media.lock().unwrap().get(media_id).cloned()
+    }
+}
+
+/// Meta's media lookup: `GET /{media_id}` → where to download it, with its type, size and hash.
+#[handler]
+async fn meta_media_lookup(
+    Path(media_id): Path<String>,
+    req: &poem::Request,
+    state: Data<&Arc<MetaState>>,
+) -> poem::Response {
+    let media = state.media_request(req, &media_id);
+    {
+        let mut unavailable = state.media_unavailable.lock().unwrap();
+        if *unavailable > 0 {
+            *unavailable -= 1;
+            return poem::Response::builder().status(poem::http::StatusCode::SERVICE_UNAVAILABLE).body("busy");
+        }
+    }
+    let host = req.header("host").unwrap_or_default().to_owned();
+    let Some((mime_type, bytes)) = media else {
+        return poem::Response::builder()
+            .status(poem::http::StatusCode::BAD_REQUEST)
+            .content_type("application/json")
+            .body(
+                json!({"error": {"message": "Unsupported get request", "type": "GraphMethodException", "code": 100}})
+                    .to_string(),
+            );
+    };
+    let sha256 = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(&bytes))
+    };
+    poem::Response::builder().content_type("application/json").body(
+        json!({
+            "messaging_product": "whatsapp",
+            "url": format!("http://{host}/lookaside/{media_id}?ext=1"),
+            "mime_type": mime_type,
+            "sha256": sha256,
+            "file_size": bytes.len(),
+            "id": media_id
+        })
+        .to_string(),
+    )
+}
+
+/// The download (Meta's `lookaside` host, here the same server).
+#[handler]
+async fn meta_media_download(
+    Path(media_id): Path<String>,
+    req: &poem::Request,
+    state: Data<&Arc<MetaState>>,
+) -> poem::Response {
+    match state.media_request(req, &media_id) {
+        Some((mime_type, bytes)) => poem::Response::builder().content_type(mime_type).body(bytes),
+        None => poem::Response::builder().status(poem::http::StatusCode::NOT_FOUND).finish(),
+    }
+}
+
 pub struct FakeMeta {
     pub addr: SocketAddr,
     pub state: Arc<MetaState>,
@@ -116,9 +192,34 @@ pub struct FakeMeta {
 impl FakeMeta {
     pub async fn start() -> Self {
         let state = Arc::new(MetaState::default());
-        let (addr, task) =
-            serve(Route::new().at("/:phone_number_id/messages", post(meta_send)).data(state.clone())).await;
+        let (addr, task) = serve(
+            Route::new()
+                .at("/:phone_number_id/messages", post(meta_send))
+                .at("/:media_id", poem::get(meta_media_lookup))
+                .at("/lookaside/:media_id", poem::get(meta_media_download))
+                .data(state.clone()),
+        )
+        .await;
         Self { addr, state, _task: task }
+    }
+
+    /// Serves `bytes` as the media `media_id`.
+    pub fn add_media(&self, media_id: &str, mime_type: &str, bytes: &[u8]) {
+        self.state.media.lock().unwrap().insert(media_id.to_owned(), (mime_type.to_owned(), bytes.to_vec()));
+    }
+
+    /// Makes the next `n` media lookups answer 503.
+    pub fn media_unavailable_for(&self, n: usize) {
+        *self.state.media_unavailable.lock().unwrap() = n;
+    }
+
+    /// The media API requests: (path, `Authorization` header).
+    pub fn media_requests(&self) -> Vec<(String, String)> {
+        self.state.media_requests.lock().unwrap().clone()
+    }
+
+    pub fn read_receipts(&self) -> Vec<Value> {
+        self.state.read_receipts.lock().unwrap().clone()
     }
 
     pub fn url(&self) -> String {

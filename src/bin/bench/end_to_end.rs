@@ -510,8 +510,9 @@ fn round_trip_rows(table: &mut Table, outcome: &EndToEndOutcome) {
     );
 }
 
-/// resolve_channel, record_inbound, quota, knowledge search, history, begin_outbound, mark_sent.
-pub const STATEMENTS_PER_MESSAGE: usize = 7;
+/// record_inbound, quota, knowledge search, history, begin_outbound, mark_sent (the channel comes
+/// from the worker's cache, read once per 30 s).
+pub const STATEMENTS_PER_MESSAGE: usize = 6;
 
 pub fn memory_rows(table: &mut Table, p: &ProcessFigures, serve_target: bool) {
     table.info(format!("`parley {}`: resident memory idle (VmRSS)", p.name), mib(p.idle_rss_kib));

@@ -1,32 +1,36 @@
-//! The WhatsApp Cloud API wire format, shared by every provider that speaks it (Meta directly,
-//! 360dialog as a proxy of it): the text message body, the answer with the sent message's id, the
-//! error body with its codes classified retryable or permanent, and the sending itself with its
-//! retries.
+//! The WhatsApp Cloud API wire format and calls, shared by every provider that speaks it (Meta
+//! directly, 360dialog as a proxy of it): how a channel's key authenticates a call, the text
+//! message and read-receipt bodies, the answer with the sent message's id, the error body with its
+//! codes classified retryable or permanent, and the calls themselves with their retries. A
+//! provider keeps only what differs: its URLs and the header its key goes in.
 //!
 //! A send is retried within the call only when the provider certainly did not accept the message,
 //! since a retry after an acceptance delivers the reply twice: the connection could not be made
 //! (nothing was sent), the answer is 429 (refused for throughput), or the provider itself answered
 //! with a Cloud API error whose code is transient. A timeout, a cut connection, or a 5xx page from
 //! a proxy (502/504 may hide an accepted send) is not retried here; it stays a retryable error for
-//! the job, which decides with its own backoff.
+//! the job, which decides with its own backoff. A read receipt is harmless to repeat: any
+//! retryable failure of it is tried again, within a budget short enough for the `ack` stage.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use engine::{
     events::Event,
     ids::ProviderMessageId,
     masking::mask_phones_in,
+    message::ChannelInfo,
     ports::{OutboundText, PortError, PortErrorKind},
 };
-use reqwest::header::{HeaderName, HeaderValue};
+use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use url::Url;
 
+use super::CredentialSource;
 use crate::providers::{
     http_client::{transport_error, truncate},
-    retry::{AttemptError, Retries},
+    retry::{AttemptError, Retries, RetryPolicy},
 };
 
 /// Meta codes worth retrying: throttling, and the platform's own transient failures.
@@ -58,6 +62,14 @@ const PERMANENT_CODES: &[i64] = &[
     131051, // unsupported message type
     190,    // access token expired or invalid
 ];
+
+/// A read receipt: within the `ack` stage's 2 s, which fails open.
+pub(crate) const MARK_READ_POLICY: RetryPolicy = RetryPolicy {
+    retries: 1,
+    min_delay: Duration::from_millis(100),
+    max_delay: Duration::from_millis(200),
+    budget: Duration::from_millis(1500),
+};
 
 /// How a provider's error is to be treated, from Meta's code when it gave one, else from the
 /// HTTP status.
@@ -93,6 +105,19 @@ pub(crate) fn text_body(message: &OutboundText) -> Value {
     });
     if let Some(reply_to) = &message.reply_to {
         body["context"] = json!({ "message_id": reply_to.as_str() });
+    }
+    body
+}
+
+/// The body that marks `message_id` read and, with `typing`, shows the typing indicator.
+pub(crate) fn read_body(message_id: &ProviderMessageId, typing: bool) -> Value {
+    let mut body = json!({
+        "messaging_product": "whatsapp",
+        "status": "read",
+        "message_id": message_id.as_str(),
+    });
+    if typing {
+        body["typing_indicator"] = json!({ "type": "text" });
     }
     body
 }
@@ -139,61 +164,160 @@ struct ErrorData {
 /// The longest provider text kept in an error message.
 const MAX_PROVIDER_TEXT: usize = 400;
 
-/// Sends to a Cloud API `messages` endpoint: one HTTP client (a connection pool) and the retry
-/// policy, shared by every channel of a provider.
-#[derive(Debug, Clone)]
+/// Where a provider's calls carry the channel's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloudApiAuth {
+    /// `Authorization: Bearer <token>` (Meta).
+    Bearer,
+    /// `D360-API-KEY: <key>` (360dialog).
+    D360ApiKey,
+}
+
+/// A channel's key and the header that carries it, ready for a call.
+pub(crate) struct ChannelAuth {
+    /// Kept to scrub it from provider text that echoes it.
+    pub key: SecretString,
+    pub header: (HeaderName, HeaderValue),
+}
+
+/// Calls a Cloud API for every channel of a provider: one HTTP client (a connection pool), where
+/// the keys come from and how they are sent, and the retry policy.
+#[derive(Clone)]
 pub(crate) struct CloudApiClient {
     client: reqwest::Client,
     /// Names the provider in errors and events (`meta`, `360dialog`).
     service: &'static str,
+    auth: CloudApiAuth,
+    credentials: Arc<dyn CredentialSource>,
     retries: Retries,
 }
 
+impl std::fmt::Debug for CloudApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudApiClient")
+            .field("service", &self.service)
+            .field("auth", &self.auth)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
+
 impl CloudApiClient {
-    pub(crate) fn new(client: reqwest::Client, service: &'static str, retries: Retries) -> Self {
-        Self { client, service, retries }
+    pub(crate) fn new(
+        client: reqwest::Client,
+        service: &'static str,
+        auth: CloudApiAuth,
+        credentials: Arc<dyn CredentialSource>,
+        retries: Retries,
+    ) -> Self {
+        Self { client, service, auth, credentials, retries }
     }
 
-    /// Sends one text message to `url`, authenticated by `auth_header` (whose value holds
-    /// `secret`), and maps the answer to the sent message's id or a classified error.
-    pub(crate) async fn send_text(
-        &self,
-        url: Url,
-        auth_header: (HeaderName, String),
-        secret: &SecretString,
-        message: &OutboundText,
-    ) -> Result<ProviderMessageId, PortError> {
-        let (name, value) = auth_header;
+    pub(crate) fn service(&self) -> &'static str {
+        self.service
+    }
+
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub(crate) fn retries(&self) -> &Retries {
+        &self.retries
+    }
+
+    /// The key of `channel` in the provider's header. No key fails for good, without a call.
+    pub(crate) async fn auth(&self, channel: &ChannelInfo) -> Result<ChannelAuth, PortError> {
+        let service = self.service;
+        let key = self.credentials.api_key(channel).await?.ok_or_else(|| {
+            PortError::permanent(service, Some("no_api_key".into()), "no API key for this channel (WHATSAPP_API_KEY)")
+        })?;
+        let (name, value) = match self.auth {
+            CloudApiAuth::Bearer => (AUTHORIZATION, format!("Bearer {}", key.expose_secret())),
+            CloudApiAuth::D360ApiKey => (HeaderName::from_static("d360-api-key"), key.expose_secret().to_owned()),
+        };
         let mut value = HeaderValue::from_str(&value)
-            .map_err(|_| PortError::permanent(self.service, None, "the API key is not a valid HTTP header value"))?;
+            .map_err(|_| PortError::permanent(service, None, "the API key is not a valid HTTP header value"))?;
         // Keeps the key out of any debug print of the request.
         value.set_sensitive(true);
+        Ok(ChannelAuth { key, header: (name, value) })
+    }
+
+    /// Sends one text message to `url` and maps the answer to the sent message's id or a
+    /// classified error.
+    pub(crate) async fn send_text(&self, url: Url, message: &OutboundText) -> Result<ProviderMessageId, PortError> {
+        let auth = self.auth(&message.channel).await?;
         let body = text_body(message);
         let describe = |event: Event| {
             event
                 .with("channelId", message.channel.id.as_str())
                 .with("providerMessageId", message.reply_to.as_ref().map(ProviderMessageId::as_str))
         };
-        self.retries.run(&describe, |timeout| self.attempt(&url, (&name, &value), &body, secret, timeout)).await
+        self.retries.run(&describe, |timeout| self.attempt_send(&url, &auth, &body, timeout)).await
     }
 
-    async fn attempt(
+    /// Marks `message_id` read (and shows the typing indicator with `typing`) through `url`.
+    pub(crate) async fn mark_read(
+        &self,
+        url: Url,
+        channel: &ChannelInfo,
+        message_id: &ProviderMessageId,
+        typing: bool,
+    ) -> Result<(), PortError> {
+        let auth = self.auth(channel).await?;
+        let body = read_body(message_id, typing);
+        let describe =
+            |event: Event| event.with("channelId", channel.id.as_str()).with("providerMessageId", message_id.as_str());
+        let retries = self.retries.with_policy(MARK_READ_POLICY);
+        retries.run(&describe, |timeout| self.attempt_mark_read(&url, &auth, &body, timeout)).await
+    }
+
+    async fn attempt_mark_read(
         &self,
         url: &Url,
-        (name, value): (&HeaderName, &HeaderValue),
+        auth: &ChannelAuth,
         body: &Value,
-        secret: &SecretString,
         timeout: Duration,
-    ) -> Result<ProviderMessageId, AttemptError> {
+    ) -> Result<(), AttemptError> {
+        let (status, bytes) =
+            self.post(url, auth, body, timeout).await.map_err(|e| AttemptError::idempotent(e.error))?;
+        if (200..300).contains(&status) {
+            return Ok(());
+        }
+        // Marking read twice changes nothing: any retryable refusal is worth another try.
+        Err(AttemptError::idempotent(self.error_from_body(status, &bytes, &auth.key).0))
+    }
+
+    /// One POST of a JSON body: the status and the body of the answer. A failed call says whether
+    /// it certainly carried nothing (the connection was never made).
+    async fn post(
+        &self,
+        url: &Url,
+        auth: &ChannelAuth,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<(u16, Vec<u8>), AttemptError> {
         let service = self.service;
+        let (name, value) = &auth.header;
         let response =
             match self.client.post(url.clone()).header(name, value.clone()).json(body).timeout(timeout).send().await {
                 Ok(response) => response,
-                // Only a connection that was never made certainly carried nothing.
                 Err(e) => return Err(AttemptError { retry: e.is_connect(), error: transport_error(service, e) }),
             };
         let status = response.status().as_u16();
         let bytes = response.bytes().await.map_err(|e| AttemptError::final_(transport_error(service, e)))?;
+        Ok((status, bytes.to_vec()))
+    }
+
+    async fn attempt_send(
+        &self,
+        url: &Url,
+        auth: &ChannelAuth,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<ProviderMessageId, AttemptError> {
+        let service = self.service;
+        // Only a connection that was never made certainly carried nothing.
+        let (status, bytes) = self.post(url, auth, body, timeout).await?;
 
         if (200..300).contains(&status) {
             return match serde_json::from_slice::<SentBody>(&bytes) {
@@ -212,16 +336,26 @@ impl CloudApiClient {
                 ))),
             };
         }
-        let (error, answered_by_provider) = error_from_body(service, status, &bytes, secret);
+        let (error, answered_by_provider) = self.error_from_body(status, &bytes, &auth.key);
         let retry = error.is_retryable() && (status == 429 || answered_by_provider);
         Err(AttemptError { error, retry })
+    }
+
+    /// [`error_from_body`] for this provider.
+    pub(crate) fn error_from_body(&self, status: u16, body: &[u8], secret: &SecretString) -> (PortError, bool) {
+        error_from_body(self.service, status, body, secret)
     }
 }
 
 /// Builds the classified error for a non-2xx answer, and says whether the provider itself
 /// answered (a Cloud API error with a code, rather than a proxy's page). The message never holds
 /// the API key or an unmasked phone number, whatever the provider wrote.
-fn error_from_body(service: &'static str, status: u16, body: &[u8], secret: &SecretString) -> (PortError, bool) {
+pub(crate) fn error_from_body(
+    service: &'static str,
+    status: u16,
+    body: &[u8],
+    secret: &SecretString,
+) -> (PortError, bool) {
     let parsed = serde_json::from_slice::<ErrorEnvelope>(body).ok().map(|e| e.error);
     let meta_code = parsed.as_ref().and_then(|e| e.code);
     let text = match &parsed {
@@ -254,7 +388,7 @@ fn describe(error: &CloudApiError) -> String {
 }
 
 /// Removes the secret from provider text, in case a proxy echoes the request's headers.
-fn redact(text: &str, secret: &SecretString) -> String {
+pub(crate) fn redact(text: &str, secret: &SecretString) -> String {
     let secret = secret.expose_secret();
     if secret.is_empty() { text.to_owned() } else { text.replace(secret, "[redacted]") }
 }
@@ -314,5 +448,47 @@ mod tests {
         assert_eq!(error.code.as_deref(), Some("http_502"));
         assert!(error.message.chars().count() <= MAX_PROVIDER_TEXT + 1, "{}", error.message);
         assert!(!error.message.contains("33612345678") && !error.message.contains("secret-key"), "{}", error.message);
+    }
+}
+
+/// What the tests of every Cloud API provider share: a credential source with a key per channel,
+/// and Meta's error body.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use engine::{message::ChannelInfo, ports::PortError};
+    use secrecy::SecretString;
+    use serde_json::{Value, json};
+
+    use super::CredentialSource;
+
+    /// Serves `key-of-<channel id>` for each channel.
+    pub(crate) struct KeyPerChannel;
+
+    #[engine::async_trait]
+    impl CredentialSource for KeyPerChannel {
+        async fn api_key(&self, channel: &ChannelInfo) -> Result<Option<SecretString>, PortError> {
+            Ok(Some(SecretString::from(format!("key-of-{}", channel.id))))
+        }
+    }
+
+    /// The read receipt of `wamid.IN` with the typing indicator, as Meta documents it.
+    pub(crate) fn read_receipt_with_typing() -> Value {
+        json!({
+            "messaging_product": "whatsapp",
+            "status": "read",
+            "message_id": "wamid.IN",
+            "typing_indicator": {"type": "text"}
+        })
+    }
+
+    /// Meta's error body with `code`, whose details quote `phone`.
+    pub(crate) fn meta_error(code: i64, message: &str, phone: &str) -> Value {
+        json!({"error": {
+            "message": message,
+            "type": "OAuthException",
+            "code": code,
+            "error_data": {"messaging_product": "whatsapp", "details": format!("details for {phone}")},
+            "fbtrace_id": "AazhK3x9gX0Dp"
+        }})
     }
 }

@@ -1,20 +1,22 @@
 //! 360dialog's sender: `POST {WHATSAPP_API_URL}/messages` (default `https://waba-v2.360dialog.io`)
-//! with the channel's key in the `D360-API-KEY` header. 360dialog proxies Meta's Cloud API: the
-//! body, the answer and the error codes are Meta's; the number sent from is the one the key
-//! belongs to, so the URL names none.
+//! with the channel's key in the `D360-API-KEY` header, for replies and read receipts alike.
+//! 360dialog proxies Meta's Cloud API: the body, the answer and the error codes are Meta's; the
+//! number sent from is the one the key belongs to, so the URL names none.
 
 use std::sync::Arc;
 
 use engine::{
     async_trait,
     ids::ProviderMessageId,
+    message::ChannelInfo,
     ports::{OutboundSender, OutboundText, PortError},
 };
-use reqwest::header::HeaderName;
-use secrecy::ExposeSecret;
 use url::Url;
 
-use super::{CredentialSource, cloud_api::CloudApiClient};
+use super::{
+    CredentialSource,
+    cloud_api::{CloudApiAuth, CloudApiClient},
+};
 use crate::providers::retry::Retries;
 
 /// The service name in this sender's errors.
@@ -30,7 +32,6 @@ pub struct Dialog360Sender {
     api: CloudApiClient,
     /// `{WHATSAPP_API_URL}/messages`, computed once.
     messages_url: Url,
-    credentials: Arc<dyn CredentialSource>,
 }
 
 impl Dialog360Sender {
@@ -47,18 +48,24 @@ impl Dialog360Sender {
             .map_err(|_| crate::providers::ProviderError::InvalidBaseUrl { setting: "WHATSAPP_API_URL" })?
             .pop_if_empty()
             .push("messages");
-        Ok(Self { api: CloudApiClient::new(client, SERVICE, retries), messages_url, credentials })
+        let api = CloudApiClient::new(client, SERVICE, CloudApiAuth::D360ApiKey, credentials, retries);
+        Ok(Self { api, messages_url })
     }
 }
 
 #[async_trait]
 impl OutboundSender for Dialog360Sender {
     async fn send_text(&self, message: &OutboundText) -> Result<ProviderMessageId, PortError> {
-        let key = self.credentials.api_key(&message.channel).await?.ok_or_else(|| {
-            PortError::permanent(SERVICE, Some("no_api_key".into()), "no API key for this channel (WHATSAPP_API_KEY)")
-        })?;
-        let header = (HeaderName::from_static("d360-api-key"), key.expose_secret().to_owned());
-        self.api.send_text(self.messages_url.clone(), header, &key, message).await
+        self.api.send_text(self.messages_url.clone(), message).await
+    }
+
+    async fn mark_read(
+        &self,
+        channel: &ChannelInfo,
+        message_id: &ProviderMessageId,
+        typing: bool,
+    ) -> Result<(), PortError> {
+        self.api.mark_read(self.messages_url.clone(), channel, message_id, typing).await
     }
 }
 
@@ -80,7 +87,7 @@ mod tests {
         fake_http::{FakeReply, FakeServer, refusing_url},
         http_client::{self, HttpTimeouts},
         retry::RetryPolicy,
-        whatsapp::GlobalApiKey,
+        whatsapp::{GlobalApiKey, cloud_api::test_support},
     };
 
     const KEY: &str = "d360-test-api-key";
@@ -114,7 +121,7 @@ mod tests {
     }
 
     fn meta_error(code: i64) -> Value {
-        json!({"error": {"message": "error from Meta", "type": "OAuthException", "code": code, "fbtrace_id": "Axyz"}})
+        test_support::meta_error(code, "error from Meta", PHONE)
     }
 
     async fn refused_with(answer: FakeReply) -> (PortError, FakeServer) {
@@ -159,6 +166,37 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn read_receipt_with_typing_indicator_is_posted_to_messages_with_the_d360_key() {
+        let server = FakeServer::start(FakeReply::Json(200, json!({"success": true}))).await;
+
+        sender(&server).mark_read(&reply().channel, &ProviderMessageId::new("wamid.IN"), true).await.expect("marked");
+
+        let request = server.only_request();
+        assert_eq!(request.method, "POST");
+        assert_eq!(request.path, "/messages");
+        assert_eq!(request.header("D360-API-KEY"), Some(KEY));
+        assert_eq!(request.header("authorization"), None);
+        assert_eq!(request.body, test_support::read_receipt_with_typing());
+    }
+
+    #[tokio::test]
+    async fn read_receipt_with_a_wrong_key_is_permanent() {
+        let server =
+            FakeServer::start(FakeReply::Json(401, json!({"meta": {"success": false, "http_code": 401}}))).await;
+
+        let error = sender(&server)
+            .mark_read(&reply().channel, &ProviderMessageId::new("wamid.IN"), false)
+            .await
+            .expect_err("refused");
+
+        assert_eq!(error.kind, PortErrorKind::Permanent);
+        assert_eq!(error.code.as_deref(), Some("http_401"));
+        assert_eq!(error.service, "360dialog");
+        assert!(!format!("{error:?}").contains(KEY));
+        assert_eq!(server.only_request().body["typing_indicator"], Value::Null);
+    }
+
     #[test]
     fn default_url_and_a_base_with_a_path_give_the_messages_endpoint() {
         for (base, expected) in [
@@ -172,18 +210,11 @@ mod tests {
 
     #[tokio::test]
     async fn channel_key_from_the_credential_source_is_used() {
-        struct PerChannel;
-        #[engine::async_trait]
-        impl CredentialSource for PerChannel {
-            async fn api_key(&self, channel: &ChannelInfo) -> Result<Option<SecretString>, PortError> {
-                Ok(Some(SecretString::from(format!("key-of-{}", channel.id))))
-            }
-        }
         let server = FakeServer::start(FakeReply::Json(200, json!({"messages": [{"id": "wamid.OUT"}]}))).await;
         let sender = Dialog360Sender::new(
             http_client::build(HttpTimeouts::WHATSAPP).expect("client"),
             &server.url,
-            Arc::new(PerChannel),
+            Arc::new(test_support::KeyPerChannel),
             Retries::new(RetryPolicy::fast(HttpTimeouts::WHATSAPP.total), Arc::new(MemoryEvents::new())),
         )
         .expect("sender");

@@ -1,18 +1,20 @@
 //! Meta's WhatsApp Cloud API sender: `POST {WHATSAPP_API_URL}/{phone_number_id}/messages` with the
-//! channel's bearer token.
+//! channel's bearer token, for replies and read receipts alike.
 
 use std::sync::Arc;
 
 use engine::{
     async_trait,
     ids::ProviderMessageId,
+    message::ChannelInfo,
     ports::{OutboundSender, OutboundText, PortError},
 };
-use reqwest::header::AUTHORIZATION;
-use secrecy::ExposeSecret;
 use url::Url;
 
-use super::{CredentialSource, cloud_api::CloudApiClient};
+use super::{
+    CredentialSource,
+    cloud_api::{CloudApiAuth, CloudApiClient},
+};
 use crate::providers::retry::Retries;
 
 /// The service name in this sender's errors.
@@ -22,7 +24,6 @@ pub struct MetaSender {
     api: CloudApiClient,
     /// Includes the Graph API version, e.g. `https://graph.facebook.com/v21.0`.
     base_url: Url,
-    credentials: Arc<dyn CredentialSource>,
 }
 
 impl MetaSender {
@@ -32,7 +33,7 @@ impl MetaSender {
         credentials: Arc<dyn CredentialSource>,
         retries: Retries,
     ) -> Self {
-        Self { api: CloudApiClient::new(client, SERVICE, retries), base_url, credentials }
+        Self { api: CloudApiClient::new(client, SERVICE, CloudApiAuth::Bearer, credentials, retries), base_url }
     }
 
     /// `{base}/{phone_number_id}/messages`, the id escaped as one path segment.
@@ -54,11 +55,17 @@ impl MetaSender {
 impl OutboundSender for MetaSender {
     async fn send_text(&self, message: &OutboundText) -> Result<ProviderMessageId, PortError> {
         let url = self.messages_url(&message.channel.phone_number_id)?;
-        let key = self.credentials.api_key(&message.channel).await?.ok_or_else(|| {
-            PortError::permanent(SERVICE, Some("no_api_key".into()), "no API key for this channel (WHATSAPP_API_KEY)")
-        })?;
-        let header = (AUTHORIZATION, format!("Bearer {}", key.expose_secret()));
-        self.api.send_text(url, header, &key, message).await
+        self.api.send_text(url, message).await
+    }
+
+    async fn mark_read(
+        &self,
+        channel: &ChannelInfo,
+        message_id: &ProviderMessageId,
+        typing: bool,
+    ) -> Result<(), PortError> {
+        let url = self.messages_url(&channel.phone_number_id)?;
+        self.api.mark_read(url, channel, message_id, typing).await
     }
 }
 
@@ -80,7 +87,7 @@ mod tests {
         fake_http::{FakeReply, FakeServer, refusing_url},
         http_client::{self, HttpTimeouts},
         retry::RetryPolicy,
-        whatsapp::GlobalApiKey,
+        whatsapp::{GlobalApiKey, cloud_api::test_support},
     };
 
     const KEY: &str = "EAAG-test-api-key";
@@ -117,13 +124,7 @@ mod tests {
     }
 
     fn meta_error(code: i64, message: &str) -> Value {
-        json!({"error": {
-            "message": message,
-            "type": "OAuthException",
-            "code": code,
-            "error_data": {"messaging_product": "whatsapp", "details": format!("details for {PHONE}")},
-            "fbtrace_id": "AazhK3x9gX0Dp"
-        }})
+        test_support::meta_error(code, message, PHONE)
     }
 
     /// Sends one message to a server that answers `answer`, and returns the error it maps to,
@@ -188,18 +189,11 @@ mod tests {
 
     #[tokio::test]
     async fn channel_key_from_the_credential_source_is_used() {
-        struct PerChannel;
-        #[engine::async_trait]
-        impl CredentialSource for PerChannel {
-            async fn api_key(&self, channel: &ChannelInfo) -> Result<Option<SecretString>, PortError> {
-                Ok(Some(SecretString::from(format!("key-of-{}", channel.id))))
-            }
-        }
         let server = FakeServer::start(FakeReply::Json(200, json!({"messages": [{"id": "wamid.OUT"}]}))).await;
         let sender = MetaSender::new(
             http_client::build(HttpTimeouts::WHATSAPP).expect("client"),
             server.base("/v21.0"),
-            Arc::new(PerChannel),
+            Arc::new(test_support::KeyPerChannel),
             retries(HttpTimeouts::WHATSAPP, &MemoryEvents::new()),
         );
 
@@ -327,6 +321,77 @@ mod tests {
         assert_eq!(error.code.as_deref(), Some("timeout"));
         assert_no_secret(&error);
         assert_eq!(server.requests().len(), 1, "the request reached the server, and was not sent again");
+    }
+
+    // --- read receipts and the typing indicator ----------------------------------------------
+
+    fn channel() -> ChannelInfo {
+        reply(None).channel
+    }
+
+    #[tokio::test]
+    async fn read_receipt_with_typing_indicator_is_posted_to_the_channel_number() {
+        let server = FakeServer::start(FakeReply::Json(200, json!({"success": true}))).await;
+
+        sender(&server, HttpTimeouts::WHATSAPP)
+            .mark_read(&channel(), &ProviderMessageId::new("wamid.IN"), true)
+            .await
+            .expect("marked read");
+
+        let request = server.only_request();
+        assert_eq!(request.method, "POST");
+        assert_eq!(request.path, "/v21.0/106540352242922/messages");
+        assert_eq!(request.header("authorization"), Some(format!("Bearer {KEY}").as_str()));
+        assert_eq!(request.header("content-type"), Some("application/json"));
+        assert_eq!(request.body, test_support::read_receipt_with_typing());
+    }
+
+    #[tokio::test]
+    async fn read_receipt_without_typing_sends_no_indicator() {
+        let server = FakeServer::start(FakeReply::Json(200, json!({"success": true}))).await;
+
+        sender(&server, HttpTimeouts::WHATSAPP)
+            .mark_read(&channel(), &ProviderMessageId::new("wamid.IN"), false)
+            .await
+            .expect("marked read");
+
+        assert_eq!(
+            server.only_request().body,
+            json!({"messaging_product": "whatsapp", "status": "read", "message_id": "wamid.IN"})
+        );
+    }
+
+    #[tokio::test]
+    async fn read_receipt_refused_for_an_invalid_message_id_is_permanent_and_sent_once() {
+        let server = FakeServer::start(FakeReply::Json(400, meta_error(100, "Invalid parameter"))).await;
+
+        let error = sender(&server, HttpTimeouts::WHATSAPP)
+            .mark_read(&channel(), &ProviderMessageId::new("wamid.UNKNOWN"), true)
+            .await
+            .expect_err("refused");
+
+        assert_eq!(error.kind, PortErrorKind::Permanent);
+        assert_eq!(error.code.as_deref(), Some("100"));
+        assert_no_secret(&error);
+        assert_eq!(server.requests().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn read_receipt_meeting_an_outage_is_tried_again_then_reported_retryable() {
+        let server = FakeServer::start(FakeReply::Text(503, "<html>Service Unavailable</html>".into())).await;
+        let events = MemoryEvents::new();
+
+        let error = sender_at(server.base("/v21.0"), HttpTimeouts::WHATSAPP, &events)
+            .mark_read(&channel(), &ProviderMessageId::new("wamid.IN"), true)
+            .await
+            .expect_err("unavailable");
+
+        assert!(error.is_retryable(), "{error:?}");
+        assert_eq!(error.code.as_deref(), Some("http_503"));
+        assert_eq!(server.requests().len(), 2, "marking read twice is harmless: one retry within the ack budget");
+        let retried = events.named(names::PROVIDER_CALL_RETRIED);
+        assert_eq!(retried.len(), 1);
+        assert_eq!(retried[0].field("providerMessageId"), Some(&json!("wamid.IN")));
     }
 
     // --- retries within the call: only when Meta certainly did not take the message ---------

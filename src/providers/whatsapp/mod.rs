@@ -1,12 +1,15 @@
 //! The WhatsApp senders behind the engine's `OutboundSender` port: Meta's Cloud API, 360dialog
 //! (a proxy of it), and the `sandbox` that accepts everything for development; where a sender finds
-//! a channel's API key.
+//! a channel's API key; the inbound media those providers serve (`media`) and what the worker does
+//! with it (`media_intake`).
 //!
-//! A provider that speaks the Cloud API builds its URL and its authentication header and hands the
+//! A provider that speaks the Cloud API names its URLs and the header its key goes in, and hands the
 //! rest to `cloud_api::CloudApiClient`.
 
 pub(crate) mod cloud_api;
 pub mod dialog360;
+pub mod media;
+pub mod media_intake;
 pub mod meta;
 pub mod pacing;
 pub mod sandbox;

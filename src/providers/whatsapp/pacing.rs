@@ -3,6 +3,11 @@
 //! one per recipient — so that bursts are delayed here instead of refused there (130429, 131056).
 //!
 //! Pacing delays, never drops: a send that finds its bucket empty sleeps until a token is due.
+//! Waiting sends are served in arrival order (first in, first out): only the oldest waiter of a
+//! bucket watches it, the others queue behind it on a fair lock, so that under a backlog every send
+//! waits about `backlog / rate` and none starves while later ones overtake it. With the default
+//! 64 jobs in flight per worker and 80 messages per second, the longest wait is under a second —
+//! far inside the `send` stage's timeout (keep `WORKER_CONCURRENCY / WHATSAPP_SEND_RATE` below it).
 //!
 //! The buckets live in the process. Messages of one conversation go through one worker at a time
 //! (shard leases), so the per-recipient bucket holds across replicas; the per-number rate is per
@@ -10,10 +15,12 @@
 //! divided by the number of replicas.
 
 use std::{
+    collections::HashMap,
     future::Future,
+    hash::Hash,
     num::NonZeroU32,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -152,6 +159,33 @@ impl Scope {
     }
 }
 
+/// One fair (FIFO) lock per bucket key: the sends waiting for a key's token line up on it.
+struct Gates<K> {
+    gates: Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl<K: Hash + Eq + Clone> Gates<K> {
+    fn new() -> Self {
+        Self { gates: Mutex::new(HashMap::new()) }
+    }
+
+    fn of(&self, key: &K) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.gates.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        gates.entry(key.clone()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(()))).clone()
+    }
+
+    /// Forgets the gates nobody holds or waits for.
+    fn prune(&self) {
+        let mut gates = self.gates.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        gates.retain(|_, gate| Arc::strong_count(gate) > 1);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.gates.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+    }
+}
+
 /// A sender that paces `inner`'s messages per business number and per recipient.
 ///
 /// Read receipts ([`OutboundSender::mark_read`]) pass through unpaced: they are not messages to
@@ -163,6 +197,8 @@ pub struct PacedSender<S: ?Sized, C: PacingClock = TokioClock> {
     per_number: Bucket<String, C>,
     /// Keyed by (`phone_number_id`, recipient digits); `None` when recipients are not paced.
     per_recipient: Option<Bucket<(String, String), C>>,
+    number_gates: Gates<String>,
+    recipient_gates: Gates<(String, String)>,
     sends: AtomicU64,
 }
 
@@ -181,25 +217,39 @@ impl<S: OutboundSender + ?Sized, C: PacingClock> PacedSender<S, C> {
             per_recipient: per_recipient.map(|p| RateLimiter::dashmap_with_clock(p.quota(), clock.clone())),
             clock,
             inner,
+            number_gates: Gates::new(),
+            recipient_gates: Gates::new(),
             sends: AtomicU64::new(0),
         }
     }
 
-    /// Waits until `bucket` has a token for `key`, takes it, and returns how long it waited.
+    /// Waits its turn among the sends for `key`, then until `bucket` has a token for `key`, takes
+    /// it, and returns how long it waited.
     ///
     /// Checking and sleeping (rather than governor's `until_key_ready`) keeps the wait on this
     /// clock, so that it follows Tokio's time and tests can drive it.
-    async fn take<K>(&self, bucket: &Bucket<K, C>, key: &K, scope: Scope) -> Duration
+    async fn take<K>(&self, bucket: &Bucket<K, C>, gates: &Gates<K>, key: &K, scope: Scope) -> Duration
     where
-        K: std::hash::Hash + Eq + Clone,
+        K: Hash + Eq + Clone,
     {
-        let mut waited = Duration::ZERO;
+        // Fast path: a token is there and nobody is queued for one.
+        let gate = gates.of(key);
+        let start = self.clock.now();
+        let _turn = match gate.try_lock() {
+            Ok(turn) => {
+                if bucket.check_key(key).is_ok() {
+                    return Duration::ZERO;
+                }
+                turn
+            }
+            Err(_) => gate.lock().await,
+        };
         while let Err(not_until) = bucket.check_key(key) {
             // At least a millisecond: a token due "now" by the bucket's reckoning must not spin.
             let wait = not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1));
             self.clock.sleep(wait).await;
-            waited += wait;
         }
+        let waited: Duration = self.clock.now().saturating_sub(start).into();
         if !waited.is_zero() {
             metrics::counter!("parley_send_paced_total", "scope" => scope.label()).increment(1);
             metrics::histogram!("parley_send_pacing_wait_seconds", "scope" => scope.label())
@@ -214,6 +264,8 @@ impl<S: OutboundSender + ?Sized, C: PacingClock> PacedSender<S, C> {
                 bucket.retain_recent();
             }
             self.per_number.retain_recent();
+            self.recipient_gates.prune();
+            self.number_gates.prune();
         }
     }
 }
@@ -226,9 +278,9 @@ impl<S: OutboundSender + ?Sized, C: PacingClock> OutboundSender for PacedSender<
         // would sit unused while other recipients could have had it.
         if let Some(bucket) = &self.per_recipient {
             let key = (number.clone(), message.to.expose().to_owned());
-            self.take(bucket, &key, Scope::Recipient).await;
+            self.take(bucket, &self.recipient_gates, &key, Scope::Recipient).await;
         }
-        self.take(&self.per_number, &number, Scope::BusinessNumber).await;
+        self.take(&self.per_number, &self.number_gates, &number, Scope::BusinessNumber).await;
         self.prune_now_and_then();
         self.inner.send_text(message).await
     }
@@ -406,6 +458,64 @@ mod tests {
         assert_eq!(provider.sent().len(), 30, "a full bucket delays, never drops");
         // 20 at once, 10 more at 20 per second: at least half a second (a lower bound only).
         assert!(start.elapsed() >= ms(450), "{:?}", start.elapsed());
+    }
+
+    /// A provider on Tokio's clock: the order and the instant each message arrived.
+    struct TimedRecorder {
+        start: tokio::time::Instant,
+        received: Mutex<Vec<(String, Duration)>>,
+    }
+
+    #[async_trait]
+    impl OutboundSender for TimedRecorder {
+        async fn send_text(&self, message: &OutboundText) -> Result<ProviderMessageId, PortError> {
+            self.received.lock().unwrap().push((message.text.clone(), self.start.elapsed()));
+            Ok(ProviderMessageId::new(format!("wamid.{}", message.text)))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_is_served_first_come_first_served_and_no_send_waits_longer_than_the_backlog() {
+        let provider = Arc::new(TimedRecorder { start: tokio::time::Instant::now(), received: Mutex::new(Vec::new()) });
+        let sender = Arc::new(PacedSender::new(provider.clone(), nz(10), None));
+
+        // 60 sends to one business number, each queued before the next starts: 10 go at once, the
+        // 50 others wait for the 10-per-second bucket.
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let sender = sender.clone();
+            tasks.push(tokio::spawn(async move {
+                sender.send_text(&text("PNID-A", &format!("3361111{i:04}"), &format!("m{i:02}"))).await
+            }));
+            tokio::task::yield_now().await;
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+
+        let received = provider.received.lock().unwrap().clone();
+        let order: Vec<&str> = received.iter().map(|(t, _)| t.as_str()).collect();
+        let expected: Vec<String> = (0..60).map(|i| format!("m{i:02}")).collect();
+        assert_eq!(order, expected, "the sends leave in the order they arrived");
+        // The n-th send over the burst leaves at about n / rate: the last of 50 after ~5 s, never
+        // later (an unfair wake-up would let some wait much longer while later ones overtake).
+        let last = received[59].1;
+        assert!(last >= ms(4_900) && last <= ms(5_200), "the last send left at {last:?}");
+        for (i, (_, at)) in received.iter().enumerate().skip(10) {
+            let due = ms(100 * (i as u64 - 9));
+            assert!(*at <= due + ms(150), "m{i:02} left at {at:?}, due about {due:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_gates_are_forgotten() {
+        let provider = Arc::new(MemorySender::new());
+        let sender = PacedSender::new(provider.clone(), nz(10_000), Some(RecipientPacing::default()));
+        for i in 0..PRUNE_EVERY {
+            sender.send_text(&text("PNID-A", &format!("336{i:08}"), "x")).await.unwrap();
+        }
+        assert_eq!(sender.recipient_gates.len(), 0, "pruned after {PRUNE_EVERY} sends");
+        assert_eq!(sender.number_gates.len(), 0);
     }
 
     #[tokio::test]
