@@ -31,6 +31,8 @@ mod pg_round_trips;
 mod processes;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "bench/retrieval.rs"]
+mod retrieval;
 #[path = "bench/webhook_payload.rs"]
 mod webhook_payload;
 
@@ -71,6 +73,8 @@ enum Scenario {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// The knowledge search on a large knowledge base: top-5 latency and recall against an exact search.
+    Retrieval(RetrievalArgs),
     /// The three scenarios, one after the other.
     All {
         #[command(flatten)]
@@ -121,6 +125,28 @@ struct EndToEndArgs {
     /// Chunks in the tenant's knowledge base, searched for every message (0: an empty one).
     #[arg(long, default_value_t = 200)]
     knowledge_chunks: usize,
+}
+
+#[derive(Debug, Args)]
+struct RetrievalArgs {
+    /// Chunks in the knowledge base, over 42 tenants (50 %, 10 %, and 40 sharing the rest).
+    #[arg(long, default_value_t = 100_000)]
+    chunks: usize,
+    /// Queries searched (half for the largest tenant, a quarter for the medium one, a quarter for the small ones).
+    #[arg(long, default_value_t = 200)]
+    queries: usize,
+    /// How the embeddings are made.
+    #[arg(long, value_enum, default_value_t = retrieval::Vectors::Hash)]
+    vectors: retrieval::Vectors,
+    /// `plan_cache_mode` of the searching connections (auto, force_generic_plan, force_custom_plan).
+    #[arg(long)]
+    plan_cache_mode: Option<String>,
+    /// `hnsw.ef_search` values (comma-separated), one measured pass each (default: pgvector's, 40).
+    #[arg(long, value_delimiter = ',')]
+    ef_search: Vec<u32>,
+    /// Keep the database (its name is printed) instead of dropping it.
+    #[arg(long)]
+    keep_database: bool,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +225,18 @@ async fn run(scenario: Scenario) -> Result<(), BenchError> {
         Scenario::Memory { load, common } => {
             print_load("memory");
             memory::run(&e2e_options(&load, &common)?).await?.print();
+        }
+        Scenario::Retrieval(args) => {
+            print_load("retrieval");
+            retrieval::run(&retrieval::RetrievalOptions {
+                chunks: args.chunks.max(1),
+                queries: args.queries.max(1),
+                vectors: args.vectors,
+                plan_cache_mode: args.plan_cache_mode,
+                ef_search: args.ef_search,
+                keep_database: args.keep_database,
+            })
+            .await?;
         }
         Scenario::All { ingest, load, common } => {
             print_load("ingest");
