@@ -98,6 +98,7 @@ impl PgStore {
     pub async fn resolve_channel(&self, phone_number_id: &str) -> Result<Option<ChannelContext>, StoreError> {
         // The limit: the tenant's override, else its plan's (NULL = unlimited), else — without a
         // plan — the default of the base pipeline.
+        let mut conn = self.hot().await?;
         let row: Option<ChannelRow> = sqlx::query_as(
             "SELECT ch.id AS channel_id, ch.provider, ch.phone_number_id, ch.credentials,
                     t.id AS tenant_id, p.tier,
@@ -116,8 +117,9 @@ impl PgStore {
         )
         .bind(phone_number_id)
         .bind(DEFAULT_MONTHLY_MESSAGES)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
+        conn.keep();
         Ok(row.map(ChannelRow::into_context))
     }
 }

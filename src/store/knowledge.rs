@@ -157,12 +157,14 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let vector = QueryVector::new(embedding)?;
+        let mut conn = self.hot().await?;
         let rows: Vec<ChunkRow> = sqlx::query_as(&search_sql(top_k))
             .bind(tenant)
             .bind(vector)
             .bind(f64::from(min_score))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
+        conn.keep();
         Ok(rows
             .into_iter()
             .map(|r| KnowledgeChunk {

@@ -104,6 +104,7 @@ impl PgStore {
         let channel = parse_id("channel", ctx.channel.id.as_str())?;
         // `existing_job_id` reads the snapshot taken when the statement started: it cannot see the
         // row `ins` writes, which is how "inserted" and "already there" are told apart.
+        let mut conn = self.hot().await?;
         let row: RecordRow = sqlx::query_as(
             "WITH conv AS (
                  INSERT INTO conversations (tenant_id, channel_id, wa_id, contact_name, last_inbound_at)
@@ -135,8 +136,9 @@ impl PgStore {
         .bind(&inbound.job_id)
         .bind(&inbound.message_type)
         .bind(&inbound.text)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await?;
+        conn.keep();
 
         let first_job_id = match (row.inserted, row.existing_job_id) {
             (true, _) => None,
@@ -239,6 +241,7 @@ impl PgStore {
     ) -> Result<Vec<HistoryMessage>, StoreError> {
         let conversation = parse_id("conversation", conversation.as_str())?;
         type Row = (String, Option<String>, Option<String>, Option<String>);
+        let mut conn = self.hot().await?;
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT direction, body, provider_message_id, in_reply_to FROM messages
              WHERE conversation_id = $1 AND NOT (direction = 'outbound' AND status = 'failed')
@@ -247,8 +250,9 @@ impl PgStore {
         )
         .bind(conversation)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
+        conn.keep();
         Ok(rows
             .into_iter()
             .rev()
@@ -267,6 +271,7 @@ impl PgStore {
         let channel = parse_id("channel", outbound.channel.as_str())?;
         let conversation = parse_id("conversation", outbound.conversation.as_str())?;
         // As in `record_inbound`, the second branch reads the snapshot from before the insert.
+        let mut conn = self.hot().await?;
         let row: Option<OutboundRow> = sqlx::query_as(
             "WITH ins AS (
                  INSERT INTO messages (tenant_id, channel_id, conversation_id, direction, in_reply_to,
@@ -286,8 +291,9 @@ impl PgStore {
         .bind(conversation)
         .bind(outbound.in_reply_to.as_str())
         .bind(&outbound.text)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
+        conn.keep();
         let row = match row {
             Some(row) => row,
             // Recorded by a concurrent run after this statement's snapshot.
@@ -312,6 +318,7 @@ impl PgStore {
         provider_message_id: &ProviderMessageId,
     ) -> Result<(), StoreError> {
         let id = parse_id("outbound message", outbound_id)?;
+        let mut conn = self.hot().await?;
         sqlx::query(
             "UPDATE messages SET
                  provider_message_id = $2,
@@ -324,8 +331,9 @@ impl PgStore {
         )
         .bind(id)
         .bind(provider_message_id.as_str())
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
+        conn.keep();
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 //! (a CTE where several rows change together) so that a message costs few trips to the database.
 
 mod channels;
+mod hot;
 mod knowledge;
 mod media;
 mod messages;
@@ -124,9 +125,14 @@ fn connect_options(database_url: &SecretString) -> Result<PgConnectOptions, Stor
     Ok(options.application_name("parley"))
 }
 
+/// The pool's size, and how many of its connections the per-message statements may keep between
+/// uses (the rest stay free for everything else).
+const MAX_CONNECTIONS: u32 = 10;
+const HOT_CONNECTIONS: usize = 6;
+
 fn pool_options() -> PgPoolOptions {
     PgPoolOptions::new()
-        .max_connections(10)
+        .max_connections(MAX_CONNECTIONS)
         .acquire_timeout(Duration::from_secs(5))
         .idle_timeout(Duration::from_secs(600))
         // The default pings every connection on every acquire: a round trip per query. A
@@ -204,6 +210,8 @@ pub struct ChannelContext {
 pub struct PgStore {
     pool: PgPool,
     channels: std::sync::Arc<channels::ChannelCache>,
+    /// Connections kept between the per-message statements (see `hot`).
+    hot: std::sync::Arc<hot::Stash>,
 }
 
 impl fmt::Debug for PgStore {
@@ -214,7 +222,14 @@ impl fmt::Debug for PgStore {
 
 impl PgStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool, channels: std::sync::Arc::new(channels::ChannelCache::new(channels::CHANNEL_CACHE_TTL)) }
+        let hot = hot::Stash::new(&pool, HOT_CONNECTIONS);
+        Self { pool, channels: std::sync::Arc::new(channels::ChannelCache::new(channels::CHANNEL_CACHE_TTL)), hot }
+    }
+
+    /// A connection for one of the per-message statements (see `hot`): `keep()` it after the
+    /// statement succeeded.
+    async fn hot(&self) -> Result<hot::HotConnection, StoreError> {
+        Ok(hot::HotConnection::acquire(&self.hot, &self.pool).await?)
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -35,6 +35,7 @@ impl PgStore {
     ) -> Result<QuotaDecision, StoreError> {
         let tenant = parse_id("tenant", tenant.as_str())?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut conn = self.hot().await?;
         let result = sqlx::query_as::<_, ConsumeRow>(
             "WITH prior AS (
                  SELECT used_after FROM quota_consumptions WHERE tenant_id = $1 AND provider_message_id = $4
@@ -57,10 +58,13 @@ impl PgStore {
         .bind(period)
         .bind(limit)
         .bind(message.as_str())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await;
         let row = match result {
-            Ok(row) => row,
+            Ok(row) => {
+                conn.keep();
+                row
+            }
             Err(sqlx::Error::Database(e)) if e.constraint() == Some("quota_consumptions_pkey") => {
                 let used = self
                     .counted(tenant, message)
