@@ -184,6 +184,13 @@ fn batch_text(c: usize, k: usize) -> String {
 
 impl Batch {
     async fn start(self) -> (Environment, ParleyProcess, ParleyProcess) {
+        let (env, api) = self.start_api().await;
+        let worker = ParleyProcess::start(&env, "worker").await;
+        (env, api, worker)
+    }
+
+    /// The environment and `parley api`, without a worker yet.
+    async fn start_api(self) -> (Environment, ParleyProcess) {
         let env = Environment::new(&Options {
             extra_env: vec![
                 ("WORKER_LEASE_TTL".into(), "3s".into()),
@@ -195,8 +202,7 @@ impl Batch {
         .await;
         set_llm_delay(&env, self.llm_delay);
         let api = ParleyProcess::start(&env, "api").await;
-        let worker = ParleyProcess::start(&env, "worker").await;
-        (env, api, worker)
+        (env, api)
     }
 
     /// Posts the batch, message by message, interleaving the conversations.
@@ -269,9 +275,10 @@ fn duplicates(sent: &[Value]) -> BTreeMap<String, Vec<usize>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_batch_loses_nothing_and_duplicates_only_unrecorded_sends() {
-    let (env, api, mut first) = BATCH.start().await;
-
+    // Queued before the first worker starts: it is killed with a backlog, however fast it is.
+    let (env, api) = BATCH.start_api().await;
     BATCH.post(&api).await;
+    let mut first = ParleyProcess::start(&env, "worker").await;
     env.meta.wait_for_sends(4, WAIT).await;
     first.kill().await;
     // Sends the dead worker wrote before dying may still be landing at the fake.
@@ -319,9 +326,12 @@ async fn exit_code(worker: &mut ParleyProcess) -> Option<i32> {
 /// A worker told to stop mid-batch while a replacement starts, as in a rolling deploy: it finishes
 /// what it started and exits 0; the replacement answers the rest; nothing is answered twice.
 async fn rolling_replacement(batch: Batch) {
-    let (env, api, mut first) = batch.start().await;
-
+    // The whole batch is queued before the first worker starts, so that it is stopped with a
+    // backlog whatever the speed of the machine (posting while it ran, a fast worker could answer
+    // everything before the signal and leave nothing to its replacement).
+    let (env, api) = batch.start_api().await;
     batch.post(&api).await;
+    let mut first = ParleyProcess::start(&env, "worker").await;
     env.meta.wait_for_sends(2, WAIT).await;
     sigterm(&first);
     let mut second = ParleyProcess::start(&env, "worker").await;
