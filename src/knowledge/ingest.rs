@@ -21,7 +21,7 @@ use super::{
     extract::{DocumentKind, ExtractError, MAX_FILE_BYTES, extract},
     storage::{ObjectStorage, StorageError},
 };
-use crate::store::{DEFAULT_MAX_DOCUMENTS, DEFAULT_MAX_STORAGE_BYTES, EMBEDDING_DIMENSIONS, PgStore, StoreError};
+use crate::store::{DEFAULT_MAX_DOCUMENTS, DEFAULT_MAX_STORAGE_BYTES, PgStore, StoreError, vector_literal};
 
 /// Texts per embedding call: providers bound a request's inputs, and the adapters split further.
 const EMBED_BATCH: usize = 32;
@@ -110,23 +110,6 @@ pub struct DocumentSummary {
 
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// pgvector's text form of an embedding. `store::knowledge::vector_literal` does the same but is
-/// private to the store; the checks matter here because a wrong embedder must fail the document
-/// with a reason, not the insert.
-fn vector_literal(embedding: &[f32]) -> Result<String, String> {
-    if embedding.len() != EMBEDDING_DIMENSIONS {
-        return Err(format!(
-            "the embedder returned {} dimensions, the knowledge base stores {EMBEDDING_DIMENSIONS}",
-            embedding.len()
-        ));
-    }
-    if embedding.iter().any(|x| !x.is_finite()) {
-        return Err("the embedder returned a non-finite value".into());
-    }
-    let parts: Vec<String> = embedding.iter().map(f32::to_string).collect();
-    Ok(format!("[{}]", parts.join(",")))
 }
 
 /// The file name without its directories, for `source` and the kind.
@@ -566,7 +549,8 @@ impl<'a> Ingestor<'a> {
             .iter()
             .map(|v| vector_literal(v))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(AttemptError::Permanent)?;
+            // A wrong embedder fails the document with a reason, not the insert.
+            .map_err(|e| AttemptError::Permanent(format!("the embedder's output cannot be stored: {e}")))?;
         let ordinals: Vec<i32> = (0..contents.len()).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
 
         let mut tx = self.store.pool().begin().await?;

@@ -81,10 +81,10 @@ fn check_embedding(embedding: &[f32]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// An embedding as pgvector's text form (`[0.1,0.2,…]`), for the tests' inserts that cast text
-/// with `::vector`. Refuses the wrong dimension and non-finite values.
-#[cfg(test)]
-fn vector_literal(embedding: &[f32]) -> Result<String, StoreError> {
+/// An embedding as pgvector's text form (`[0.1,0.2,…]`), for inserts that cast text with
+/// `::vector` (the ingestion's batched chunk insert, the tests). Refuses the wrong dimension and
+/// non-finite values.
+pub fn vector_literal(embedding: &[f32]) -> Result<String, StoreError> {
     check_embedding(embedding)?;
     let mut out = String::with_capacity(embedding.len() * 12 + 2);
     out.push('[');

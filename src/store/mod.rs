@@ -31,6 +31,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
+pub use knowledge::vector_literal;
 pub use media::{InboundMedia, StoredMedia};
 pub use messages::{InboundOutcome, NewInbound, OutboundView, RecordedInbound};
 pub use seed::{SeedReport, SeedTenant, SeededTenant};
