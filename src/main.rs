@@ -129,7 +129,16 @@ enum PipelineCommand {
 
 fn main() -> ExitCode {
     stages::link();
+    // Lines printed through `engine::stdout` are written in batches: write what is pending before a
+    // panic report and before exiting.
+    engine::stdout::flush_on_panic();
     let cli = Cli::parse();
+    let code = run(cli);
+    engine::stdout::flush();
+    code
+}
+
+fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve => commands::service::run(parley::app::Role::Serve),
         Command::Api => commands::service::run(parley::app::Role::Api),

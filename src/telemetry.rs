@@ -9,7 +9,8 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 use crate::settings::{LogLevel, Settings};
 
 /// Installs the tracing subscriber (JSON, or human-readable with LOG_PRETTY) and returns the
-/// event sink. Safe to call more than once: later calls keep the first subscriber.
+/// event sink. Both write to the batched stdout (`engine::stdout`), so that diagnostics and events
+/// keep their order. Safe to call more than once: later calls keep the first subscriber.
 pub fn init(settings: &Settings) -> Arc<dyn EventSink> {
     let directive = match settings.log_level {
         LogLevel::Fatal | LogLevel::Error => "error",
@@ -23,10 +24,12 @@ pub fn init(settings: &Settings) -> Arc<dyn EventSink> {
         .unwrap_or_else(|_| EnvFilter::new(format!("warn,parley={directive},engine={directive},stages={directive}")));
     let registry = tracing_subscriber::registry().with(filter);
     let _ = if settings.log_pretty {
-        registry.with(fmt::layer().with_writer(std::io::stdout).with_target(false)).try_init()
+        registry.with(fmt::layer().with_writer(|| engine::stdout::Lines).with_target(false)).try_init()
     } else {
         registry
-            .with(fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stdout))
+            .with(
+                fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(|| engine::stdout::Lines),
+            )
             .try_init()
     };
     Arc::new(JsonLinesSink::stdout(event_level(settings.log_level)))

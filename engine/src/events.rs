@@ -112,8 +112,9 @@ pub struct JsonLinesSink {
 }
 
 impl JsonLinesSink {
+    /// Lines to the process's stdout, in batches (see [`crate::stdout`]).
     pub fn stdout(min_level: Level) -> Self {
-        Self::new(Box::new(std::io::stdout()), min_level)
+        Self::new(Box::new(crate::stdout::Lines), min_level)
     }
 
     pub fn new(out: Box<dyn Write + Send>, min_level: Level) -> Self {

@@ -15,6 +15,7 @@ pub mod registry;
 pub mod reload;
 pub mod runtime;
 pub mod stage;
+pub mod stdout;
 pub mod testing;
 
 #[doc(hidden)]
