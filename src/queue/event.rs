@@ -36,7 +36,56 @@ pub struct InboundMessageEvent {
     /// When the webhook accepted it.
     pub received_at: DateTime<Utc>,
     /// The provider's message object as received (media ids, context, …).
-    pub raw: serde_json::Value,
+    pub raw: RawJson,
+}
+
+/// A JSON value kept as its text: the webhook copies the message object from the body into the
+/// queue entry without building it as a tree ([`RawJson::value`] parses it when needed).
+#[derive(Debug, Clone)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// Copies a value of a parsed body.
+    pub fn from_raw(raw: &serde_json::value::RawValue) -> Self {
+        Self(raw.to_owned())
+    }
+
+    /// The value as a tree.
+    pub fn value(&self) -> serde_json::Value {
+        serde_json::from_str(self.0.get()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl From<serde_json::Value> for RawJson {
+    fn from(value: serde_json::Value) -> Self {
+        // A Value always serialises.
+        Self(serde_json::value::to_raw_value(&value).unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned()))
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+/// Read through a tree: [`QueuedEvent`] is an internally tagged enum, which serde buffers before
+/// it reads the variant, and a buffered value cannot be read as raw text.
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(deserializer).map(Self::from)
+    }
 }
 
 /// A delivery status of a message Parley sent.
@@ -128,6 +177,32 @@ mod tests {
         assert!(a < 16);
         let spread: std::collections::HashSet<u32> = (0..200).map(|i| shard_of(&format!("P:336{i:08}"), 16)).collect();
         assert!(spread.len() > 12, "conversations must spread over the shards: {spread:?}");
+    }
+
+    #[test]
+    fn a_message_with_its_raw_object_round_trips_through_a_stream_entry_and_the_spool() {
+        let raw = r#"{"from":"33612345678","id":"wamid.1","type":"image","image":{"id":"MEDIA","caption":"é \"x\""}}"#;
+        let e = QueuedEvent::Message(InboundMessageEvent {
+            phone_number_id: "P".into(),
+            provider_message_id: "wamid.1".into(),
+            from: "33612345678".into(),
+            contact_name: None,
+            timestamp: 1_700_000_000,
+            message_type: "image".into(),
+            text: Some("é \"x\"".into()),
+            received_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default(),
+            raw: RawJson::from_raw(&serde_json::from_str::<Box<serde_json::value::RawValue>>(raw).unwrap()),
+        });
+        // As text (a stream entry): the raw object is embedded as it came.
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.contains(raw), "{json}");
+        let back = serde_json::from_str::<QueuedEvent>(&json).unwrap();
+        assert_eq!(back, e);
+        // As a tree (the spool's jsonb column).
+        let tree = serde_json::to_value(&e).unwrap();
+        assert_eq!(tree["raw"]["image"]["caption"], "é \"x\"");
+        let QueuedEvent::Message(m) = serde_json::from_value::<QueuedEvent>(tree).unwrap() else { panic!("a message") };
+        assert_eq!(m.raw.value()["image"]["id"], "MEDIA");
     }
 
     #[test]

@@ -6,7 +6,7 @@ pub mod intake;
 pub mod leases;
 pub mod streams;
 
-pub use event::{AcceptedJob, InboundMessageEvent, Intake, IntakeError, QueuedEvent, StatusEvent};
+pub use event::{AcceptedJob, InboundMessageEvent, Intake, IntakeError, QueuedEvent, RawJson, StatusEvent};
 pub use intake::{DurableIntake, SpoolSink};
 pub use leases::{Leases, Rebalance, fair_share, rebalance};
 pub use streams::{DeadLetter, Queue, QueueEntry, QueueError};

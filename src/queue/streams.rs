@@ -83,6 +83,94 @@ return n
     )
 });
 
+/// The XADDs of one [`Queue::enqueue`] call (stream key, event JSON), waiting to be sent.
+struct PendingAdds {
+    adds: Vec<(String, String)>,
+    timeout: Duration,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<String>, QueueError>>,
+}
+
+/// Sends the XADDs of concurrent [`Queue::enqueue`] calls together: one task takes every call
+/// waiting at that moment, sends their commands as one pipeline (one write, one reply to read,
+/// instead of one of each per webhook request) and hands each call its own ids.
+///
+/// It lets the other ready tasks run once before it takes a batch, so that the webhook requests
+/// that arrived together are sent together; a lone request waits for nothing else. A batch that
+/// fails fails every call in it, each of which then spools its events to PostgreSQL as a failed
+/// XADD always did (the dedupe in PostgreSQL answers an event that was added and spooled once).
+/// A batch is bounded by the longest timeout of its calls; each call is bounded by its own.
+#[derive(Clone)]
+struct AddBatcher {
+    tx: tokio::sync::mpsc::UnboundedSender<PendingAdds>,
+}
+
+/// The most calls sent in one pipeline.
+const MAX_ADD_BATCH: usize = 256;
+
+impl AddBatcher {
+    /// Starts the batching task on the current runtime; it ends when the queue's last clone is
+    /// dropped, or with the runtime.
+    fn start(conn: ConnectionManager) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PendingAdds>();
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while let Some(first) = rx.recv().await {
+                tokio::task::yield_now().await;
+                batch.push(first);
+                while batch.len() < MAX_ADD_BATCH {
+                    match rx.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                let mut pipe = redis::pipe();
+                let mut timeout = Duration::ZERO;
+                for pending in &batch {
+                    timeout = timeout.max(pending.timeout);
+                    for (key, json) in &pending.adds {
+                        pipe.cmd("XADD").arg(key).arg("*").arg(EVENT_FIELD).arg(json);
+                    }
+                }
+                // Sent in the background, so that the next batch forms while this one is in flight
+                // (the connection keeps the commands in the order sent).
+                let calls = std::mem::take(&mut batch);
+                let mut conn = conn.clone();
+                tokio::spawn(async move {
+                    let result: Result<Vec<String>, QueueError> =
+                        bounded("XADD", timeout, pipe.query_async(&mut conn)).await.map_err(QueueError::from);
+                    let mut ids = match result {
+                        Ok(ids) => ids.into_iter(),
+                        Err(e) => {
+                            for call in calls {
+                                let _ = call.reply.send(Err(e.clone()));
+                            }
+                            return;
+                        }
+                    };
+                    for call in calls {
+                        let own: Vec<String> = ids.by_ref().take(call.adds.len()).collect();
+                        let _ = call.reply.send(Ok(own));
+                    }
+                });
+            }
+        });
+        Self { tx }
+    }
+
+    /// Adds `adds` in one batch with whatever else is waiting; the ids in the same order.
+    async fn add(&self, adds: Vec<(String, String)>, timeout: Duration) -> Result<Vec<String>, QueueError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let stopped =
+            || QueueError::Redis(RedisError::Failed { op: "XADD", message: "the queue is shutting down".into() });
+        self.tx.send(PendingAdds { adds, timeout, reply }).map_err(|_| stopped())?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(QueueError::Redis(RedisError::Timeout { op: "XADD", after: timeout })),
+        }
+    }
+}
+
 /// One entry read from a shard stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueEntry {
@@ -129,6 +217,9 @@ pub struct DeadLetter {
 #[derive(Clone)]
 pub struct Queue {
     conn: ConnectionManager,
+    /// Gathers the XADDs of concurrent [`Queue::enqueue`] calls into one pipeline; started on first
+    /// use, and again if the runtime it ran on has gone (a queue used from several runtimes).
+    adds: Arc<std::sync::Mutex<Option<AddBatcher>>>,
     /// One per shard, indexed by shard.
     readers: Option<Arc<[ConnectionManager]>>,
     prefix: String,
@@ -151,7 +242,14 @@ impl Queue {
     /// A queue of `shards` streams (at least 1) under `prefix` (see [`DEFAULT_PREFIX`]), with the
     /// [`DEFAULT_OP_TIMEOUT`].
     pub fn new(conn: ConnectionManager, prefix: impl Into<String>, shards: u32) -> Self {
-        Self { conn, readers: None, prefix: prefix.into(), shards: shards.max(1), op_timeout: DEFAULT_OP_TIMEOUT }
+        Self {
+            conn,
+            adds: Arc::default(),
+            readers: None,
+            prefix: prefix.into(),
+            shards: shards.max(1),
+            op_timeout: DEFAULT_OP_TIMEOUT,
+        }
     }
 
     /// Gives every shard a reader connection of its own to `redis_url`, used only by
@@ -212,16 +310,22 @@ impl Queue {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
+        let mut adds = Vec::with_capacity(events.len());
         let mut shards = Vec::with_capacity(events.len());
         for event in events {
             let shard = event.shard(self.shards);
             let json = serde_json::to_string(event).map_err(|e| QueueError::Encode(e.to_string()))?;
-            pipe.cmd("XADD").arg(self.stream_key(shard)).arg("*").arg(EVENT_FIELD).arg(json);
+            adds.push((self.stream_key(shard), json));
             shards.push(shard);
         }
-        let mut conn = self.conn.clone();
-        let ids: Vec<String> = bounded("XADD", self.op_timeout, pipe.query_async(&mut conn)).await?;
+        let batcher = {
+            let mut slot = self.adds.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_ref() {
+                Some(running) if !running.tx.is_closed() => running.clone(),
+                _ => slot.insert(AddBatcher::start(self.conn.clone())).clone(),
+            }
+        };
+        let ids = batcher.add(adds, self.op_timeout).await?;
         if ids.len() != events.len() {
             return Err(QueueError::Reply {
                 op: "XADD",
@@ -611,7 +715,7 @@ pub(crate) mod tests {
             message_type: "text".into(),
             text: Some(text.into()),
             received_at: Utc::now(),
-            raw: serde_json::json!({}),
+            raw: serde_json::json!({}).into(),
         })
     }
 
@@ -678,6 +782,49 @@ pub(crate) mod tests {
         let a: Vec<String> = read.iter().map(wamid).filter(|w| w.starts_with("a.")).collect();
         assert_eq!(a, (0..10).map(|i| format!("a.{i}")).collect::<Vec<_>>());
         delete_prefix(queue.connection(), &prefix).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_enqueues_sent_together_each_get_the_ids_of_their_own_events() {
+        let (queue, prefix) = queue(1).await;
+        queue.ensure_group(0).await.unwrap();
+        let calls: Vec<_> = (0..50)
+            .map(|c| {
+                let queue = queue.clone();
+                tokio::spawn(async move {
+                    let events: Vec<_> =
+                        (0..2).map(|i| message("33612345678", &format!("wamid.{c}.{i}"), "hi")).collect();
+                    let jobs = queue.enqueue(&events).await.unwrap();
+                    (c, jobs)
+                })
+            })
+            .collect();
+        let mut returned = Vec::new();
+        for call in calls {
+            returned.push(call.await.unwrap());
+        }
+
+        let read = queue.read_new(0, "w1", 200, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(read.len(), 100);
+        let by_job: std::collections::HashMap<String, String> =
+            read.iter().map(|e| (e.job_id.clone(), wamid(e))).collect();
+        for (c, jobs) in returned {
+            let wamids: Vec<&str> = jobs.iter().map(|j| by_job[&j.job_id].as_str()).collect();
+            assert_eq!(wamids, [format!("wamid.{c}.0"), format!("wamid.{c}.1")]);
+        }
+        delete_prefix(queue.connection(), &prefix).await;
+    }
+
+    #[test]
+    fn a_queue_keeps_adding_after_the_runtime_of_its_first_add_is_gone() {
+        // The connection's own task runs on a runtime that stays; the adds come from two others.
+        let stays = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let (queue, prefix) = stays.block_on(queue(1));
+        let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let first = rt().block_on(queue.enqueue(&[message("33612345678", "wamid.a", "hi")])).unwrap();
+        let second = rt().block_on(queue.enqueue(&[message("33612345678", "wamid.b", "hi")])).unwrap();
+        assert_ne!(first[0].job_id, second[0].job_id);
+        stays.block_on(delete_prefix(queue.connection(), &prefix));
     }
 
     #[tokio::test]

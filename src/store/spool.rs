@@ -171,7 +171,7 @@ mod tests {
             message_type: "text".into(),
             text: Some(format!("texte de {wamid}")),
             received_at: Utc::now(),
-            raw: serde_json::json!({"id": wamid}),
+            raw: serde_json::json!({"id": wamid}).into(),
         })
     }
 

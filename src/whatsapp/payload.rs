@@ -9,10 +9,13 @@
 //! [`ParsedWebhook::skipped`] (the webhook logs them at warn); changes whose `field` is not
 //! `messages` are skipped silently (account updates, template reviews…).
 
-use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+use std::borrow::Cow;
 
-use crate::queue::{InboundMessageEvent, QueuedEvent, StatusEvent};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::queue::{InboundMessageEvent, QueuedEvent, RawJson, StatusEvent};
 
 /// Why a body was refused as a whole; the text is the short reason of the 400 answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,45 +59,212 @@ impl ParsedWebhook {
 
 /// Parses a webhook body. `received_at` stamps every message (and stands in for a missing
 /// provider timestamp).
+///
+/// The body is read in place: each level is a small struct of borrowed raw values, so nothing is
+/// built as a tree and a message object is copied once, as text, into its event (this parsing was
+/// an eighth of the webhook's CPU as a `serde_json::Value` tree, BENCHMARKS.md). An object with a
+/// key twice is read as malformed at its level (the body, or the one item).
 pub fn parse_webhook(body: &[u8], received_at: DateTime<Utc>) -> Result<ParsedWebhook, PayloadError> {
-    let root: Value = serde_json::from_slice(body).map_err(|_| PayloadError::InvalidJson)?;
-    let Value::Object(root) = root else {
-        return Err(PayloadError::NotAnObject);
-    };
-    if !root.get("object").is_some_and(Value::is_string) {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => PayloadError::NotAnObject,
+            Err(_) => PayloadError::InvalidJson,
+        });
+    }
+    // Reading the root checks that the whole body is JSON (nesting bounded, nothing after it).
+    let root: Root = serde_json::from_slice(body).map_err(|_| PayloadError::InvalidJson)?;
+    if root.object.and_then(text).is_none() {
         return Err(PayloadError::MissingObject);
     }
-    let Some(Value::Array(entries)) = root.get("entry") else {
+    let Some(entries) = root.entry.and_then(array) else {
         return Err(PayloadError::MissingEntry);
     };
 
     let mut parsed = ParsedWebhook::default();
     for (e, entry) in entries.iter().enumerate() {
-        let Some(entry) = entry.as_object() else {
+        let Some(entry) = object::<Entry>(entry) else {
             parsed.skip(format!("entry[{e}]"), "not an object");
             continue;
         };
-        let Some(changes) = entry.get("changes").and_then(Value::as_array) else {
+        let Some(changes) = entry.changes.and_then(array) else {
             continue;
         };
         for (c, change) in changes.iter().enumerate() {
             let here = format!("entry[{e}].changes[{c}]");
-            let Some(change) = change.as_object() else {
+            let Some(change) = object::<Change>(change) else {
                 parsed.skip(here, "not an object");
                 continue;
             };
-            if change.get("field").and_then(Value::as_str) != Some("messages") {
+            if change.field.and_then(text).as_deref() != Some("messages") {
                 parsed.ignored_changes += 1;
                 continue;
             }
-            let Some(value) = change.get("value").and_then(Value::as_object) else {
+            let Some(value) = change.value.and_then(object::<ChangeValue>) else {
                 parsed.skip(format!("{here}.value"), "missing or not an object");
                 continue;
             };
-            parsed.change(&here, value, received_at);
+            parsed.change(&here, &value, received_at);
         }
     }
     Ok(parsed)
+}
+
+/// The levels of a body that are looked at; every other key is skipped unread.
+#[derive(Deserialize)]
+struct Root<'a> {
+    #[serde(borrow)]
+    object: Option<&'a RawValue>,
+    #[serde(borrow)]
+    entry: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Entry<'a> {
+    #[serde(borrow)]
+    changes: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Change<'a> {
+    #[serde(borrow)]
+    field: Option<&'a RawValue>,
+    #[serde(borrow)]
+    value: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ChangeValue<'a> {
+    #[serde(borrow)]
+    metadata: Option<&'a RawValue>,
+    #[serde(borrow)]
+    contacts: Option<&'a RawValue>,
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    statuses: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Metadata<'a> {
+    #[serde(borrow)]
+    phone_number_id: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Contact<'a> {
+    #[serde(borrow)]
+    wa_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    profile: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Profile<'a> {
+    #[serde(borrow)]
+    name: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct MessageFields<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    from: Option<&'a RawValue>,
+    #[serde(borrow, rename = "type")]
+    message_type: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timestamp: Option<&'a RawValue>,
+    #[serde(borrow)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow)]
+    interactive: Option<&'a RawValue>,
+    #[serde(borrow)]
+    button: Option<&'a RawValue>,
+    #[serde(borrow)]
+    image: Option<&'a RawValue>,
+    #[serde(borrow)]
+    video: Option<&'a RawValue>,
+    #[serde(borrow)]
+    document: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct StatusFields<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    status: Option<&'a RawValue>,
+    #[serde(borrow)]
+    recipient_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timestamp: Option<&'a RawValue>,
+    #[serde(borrow)]
+    errors: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ErrorFields<'a> {
+    #[serde(borrow)]
+    code: Option<&'a RawValue>,
+    #[serde(borrow)]
+    title: Option<&'a RawValue>,
+}
+
+/// The members of the nested objects a message's text is read from.
+#[derive(Deserialize)]
+struct Nested<'a> {
+    #[serde(borrow)]
+    body: Option<&'a RawValue>,
+    #[serde(borrow)]
+    button_reply: Option<&'a RawValue>,
+    #[serde(borrow)]
+    list_reply: Option<&'a RawValue>,
+    #[serde(borrow)]
+    title: Option<&'a RawValue>,
+    #[serde(borrow)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow)]
+    caption: Option<&'a RawValue>,
+}
+
+fn first_byte(raw: &RawValue) -> u8 {
+    // A RawValue holds no leading whitespace.
+    raw.get().as_bytes().first().copied().unwrap_or_default()
+}
+
+fn is_object(raw: &RawValue) -> bool {
+    first_byte(raw) == b'{'
+}
+
+/// `raw` read as `T` if it is an object (that `T` can read: no key twice).
+fn object<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Option<T> {
+    if !is_object(raw) {
+        return None;
+    }
+    serde_json::from_str(raw.get()).ok()
+}
+
+fn array(raw: &RawValue) -> Option<Vec<&RawValue>> {
+    if first_byte(raw) != b'[' {
+        return None;
+    }
+    serde_json::from_str(raw.get()).ok()
+}
+
+/// A JSON string's text (borrowed when it holds no escape).
+fn text(raw: &RawValue) -> Option<Cow<'_, str>> {
+    if first_byte(raw) != b'"' {
+        return None;
+    }
+    match serde_json::from_str::<&str>(raw.get()) {
+        Ok(borrowed) => Some(Cow::Borrowed(borrowed)),
+        Err(_) => serde_json::from_str::<String>(raw.get()).ok().map(Cow::Owned),
+    }
+}
+
+/// A string that is not blank.
+fn non_empty(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
+    raw.and_then(text).filter(|s| !s.trim().is_empty())
 }
 
 impl ParsedWebhook {
@@ -102,21 +272,25 @@ impl ParsedWebhook {
         self.skipped.push(SkippedItem { location, reason });
     }
 
-    fn change(&mut self, here: &str, value: &Map<String, Value>, received_at: DateTime<Utc>) {
+    fn change(&mut self, here: &str, value: &ChangeValue<'_>, received_at: DateTime<Utc>) {
         // A body without metadata (hand-written test bodies, like the checklist's curl examples)
         // yields an empty business number: the worker's channel resolution decides what it means.
-        let phone_number_id =
-            value.get("metadata").and_then(|m| m.get("phone_number_id")).and_then(Value::as_str).unwrap_or_default();
-        let contacts = value.get("contacts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        let phone_number_id = value
+            .metadata
+            .and_then(object::<Metadata>)
+            .and_then(|m| m.phone_number_id)
+            .and_then(text)
+            .unwrap_or_default();
+        let contacts = value.contacts.and_then(array).unwrap_or_default();
 
-        for (i, msg) in value.get("messages").and_then(Value::as_array).into_iter().flatten().enumerate() {
-            match message(phone_number_id, contacts, msg, received_at) {
+        for (i, msg) in value.messages.and_then(array).into_iter().flatten().enumerate() {
+            match message(&phone_number_id, &contacts, msg, received_at) {
                 Ok(event) => self.events.push(QueuedEvent::Message(event)),
                 Err(reason) => self.skip(format!("{here}.value.messages[{i}]"), reason),
             }
         }
-        for (i, st) in value.get("statuses").and_then(Value::as_array).into_iter().flatten().enumerate() {
-            match status(phone_number_id, st, received_at) {
+        for (i, st) in value.statuses.and_then(array).into_iter().flatten().enumerate() {
+            match status(&phone_number_id, st, received_at) {
                 Ok(event) => self.events.push(QueuedEvent::Status(event)),
                 Err(reason) => self.skip(format!("{here}.value.statuses[{i}]"), reason),
             }
@@ -126,100 +300,96 @@ impl ParsedWebhook {
 
 fn message(
     phone_number_id: &str,
-    contacts: &[Value],
-    raw: &Value,
+    contacts: &[&RawValue],
+    raw: &RawValue,
     received_at: DateTime<Utc>,
 ) -> Result<InboundMessageEvent, &'static str> {
-    let obj = raw.as_object().ok_or("not an object")?;
-    let id = non_empty_str(obj.get("id")).ok_or("missing id")?;
-    let from = non_empty_str(obj.get("from")).ok_or("missing from")?;
-    let message_type = non_empty_str(obj.get("type")).unwrap_or("unknown");
-    let text = message_text(message_type, obj).filter(|t| !t.is_empty()).map(str::to_owned);
+    let fields = object::<MessageFields>(raw).ok_or("not an object")?;
+    let id = non_empty(fields.id).ok_or("missing id")?;
+    let from = non_empty(fields.from).ok_or("missing from")?;
+    let message_type = non_empty(fields.message_type).unwrap_or(Cow::Borrowed("unknown"));
+    let text = message_text(&message_type, &fields).filter(|t| !t.is_empty()).map(Cow::into_owned);
     Ok(InboundMessageEvent {
         phone_number_id: phone_number_id.to_owned(),
-        provider_message_id: id.to_owned(),
-        from: from.to_owned(),
-        contact_name: contact_name(contacts, from),
-        timestamp: timestamp(obj.get("timestamp")).unwrap_or_else(|| received_at.timestamp()),
-        message_type: message_type.to_owned(),
+        provider_message_id: id.into_owned(),
+        contact_name: contact_name(contacts, &from),
+        from: from.into_owned(),
+        timestamp: fields.timestamp.and_then(timestamp).unwrap_or_else(|| received_at.timestamp()),
+        message_type: message_type.into_owned(),
         text,
         received_at,
-        raw: raw.clone(),
+        raw: RawJson::from_raw(raw),
     })
 }
 
 /// The text a message carries, by type: what the user typed, the title of the button or list row
 /// they picked, or the caption of their media. Other types (audio, sticker, location, contacts,
 /// reaction, unsupported…) carry none.
-fn message_text<'a>(message_type: &str, obj: &'a Map<String, Value>) -> Option<&'a str> {
-    let at = |path: &[&str]| {
-        let mut v = obj.get(path[0])?;
-        for key in &path[1..] {
-            v = v.get(key)?;
-        }
-        v.as_str()
-    };
+fn message_text<'a>(message_type: &str, fields: &MessageFields<'a>) -> Option<Cow<'a, str>> {
+    let nested = |raw: Option<&'a RawValue>| raw.and_then(object::<Nested<'a>>);
     match message_type {
-        "text" => at(&["text", "body"]),
+        "text" => nested(fields.text)?.body.and_then(text),
         "interactive" => {
-            at(&["interactive", "button_reply", "title"]).or_else(|| at(&["interactive", "list_reply", "title"]))
+            let interactive = nested(fields.interactive)?;
+            let title = |reply: Option<&'a RawValue>| nested(reply).and_then(|r| r.title).and_then(text);
+            title(interactive.button_reply).or_else(|| title(interactive.list_reply))
         }
-        "button" => at(&["button", "text"]),
-        "image" | "video" | "document" => at(&[message_type, "caption"]),
+        "button" => nested(fields.button)?.text.and_then(text),
+        "image" => nested(fields.image)?.caption.and_then(text),
+        "video" => nested(fields.video)?.caption.and_then(text),
+        "document" => nested(fields.document)?.caption.and_then(text),
         _ => None,
     }
 }
 
-fn contact_name(contacts: &[Value], from: &str) -> Option<String> {
-    let by_id = contacts.iter().find(|c| c.get("wa_id").and_then(Value::as_str) == Some(from));
+fn contact_name(contacts: &[&RawValue], from: &str) -> Option<String> {
+    let read: Vec<Contact> = contacts.iter().filter_map(|c| object::<Contact>(c)).collect();
+    let by_id = read.iter().find(|c| c.wa_id.and_then(text).as_deref() == Some(from));
     // A lone contact without `wa_id` can only be the sender.
-    let contact = by_id.or_else(|| match contacts {
-        [only] if only.get("wa_id").is_none() => Some(only),
+    let contact = by_id.or_else(|| match (contacts, read.as_slice()) {
+        ([_], [only]) if only.wa_id.is_none() => Some(only),
         _ => None,
     })?;
-    non_empty_str(contact.get("profile").and_then(|p| p.get("name"))).map(str::to_owned)
+    non_empty(contact.profile.and_then(object::<Profile>)?.name).map(Cow::into_owned)
 }
 
-fn status(phone_number_id: &str, raw: &Value, received_at: DateTime<Utc>) -> Result<StatusEvent, &'static str> {
-    let obj = raw.as_object().ok_or("not an object")?;
-    let id = non_empty_str(obj.get("id")).ok_or("missing id")?;
-    let status = non_empty_str(obj.get("status")).ok_or("missing status")?;
-    let first_error = obj.get("errors").and_then(Value::as_array).and_then(|e| e.first());
+fn status(phone_number_id: &str, raw: &RawValue, received_at: DateTime<Utc>) -> Result<StatusEvent, &'static str> {
+    let fields = object::<StatusFields>(raw).ok_or("not an object")?;
+    let id = non_empty(fields.id).ok_or("missing id")?;
+    let status = non_empty(fields.status).ok_or("missing status")?;
+    let first_error =
+        fields.errors.and_then(array).and_then(|errors| errors.first().copied()).and_then(object::<ErrorFields>);
     Ok(StatusEvent {
         phone_number_id: phone_number_id.to_owned(),
-        provider_message_id: id.to_owned(),
-        status: status.to_owned(),
-        recipient: non_empty_str(obj.get("recipient_id")).map(str::to_owned),
-        timestamp: timestamp(obj.get("timestamp")).unwrap_or_else(|| received_at.timestamp()),
-        error_code: first_error.and_then(|e| e.get("code")).and_then(scalar_text),
-        error_title: first_error.and_then(|e| non_empty_str(e.get("title"))).map(str::to_owned),
+        provider_message_id: id.into_owned(),
+        status: status.into_owned(),
+        recipient: non_empty(fields.recipient_id).map(Cow::into_owned),
+        timestamp: fields.timestamp.and_then(timestamp).unwrap_or_else(|| received_at.timestamp()),
+        error_code: first_error.as_ref().and_then(|e| e.code).and_then(scalar_text),
+        error_title: first_error.as_ref().and_then(|e| non_empty(e.title)).map(Cow::into_owned),
     })
 }
 
-fn non_empty_str(v: Option<&Value>) -> Option<&str> {
-    v.and_then(Value::as_str).filter(|s| !s.trim().is_empty())
-}
-
 /// Meta sends Unix seconds as a string; accept a number too.
-fn timestamp(v: Option<&Value>) -> Option<i64> {
-    match v? {
-        Value::String(s) => s.trim().parse().ok(),
-        Value::Number(n) => n.as_i64(),
-        _ => None,
+fn timestamp(raw: &RawValue) -> Option<i64> {
+    match first_byte(raw) {
+        b'"' => text(raw)?.trim().parse().ok(),
+        _ => serde_json::from_str::<i64>(raw.get()).ok(),
     }
 }
 
-fn scalar_text(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
+/// A non-empty string, or a number written as JSON wrote it.
+fn scalar_text(raw: &RawValue) -> Option<String> {
+    match first_byte(raw) {
+        b'"' => text(raw).filter(|s| !s.is_empty()).map(Cow::into_owned),
+        b'-' | b'0'..=b'9' => Some(raw.get().to_owned()),
         _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -264,7 +434,7 @@ mod tests {
         assert_eq!(m.message_type, "text");
         assert_eq!(m.text.as_deref(), Some("Hello!"));
         assert_eq!(m.received_at, now());
-        assert_eq!(m.raw["text"]["body"], "Hello!");
+        assert_eq!(m.raw.value()["text"]["body"], "Hello!");
     }
 
     #[test]
@@ -371,6 +541,42 @@ mod tests {
                 ("entry[0].changes[0].value.messages[3]".to_owned(), "not an object"),
             ]
         );
+    }
+
+    #[test]
+    fn escaped_strings_are_read_as_their_text_and_the_raw_object_is_kept_as_sent() {
+        let raw = br#"{"object":"whatsapp_business_account","entry":[{"changes":[{"field":"mess\u0061ges","value":{
+            "metadata":{"phone_number_id":"P\u004eID"},
+            "contacts":[{"profile":{"name":"Jos\u00e9 \"Pepe\""}}],
+            "messages":[{"from":"15559876543","id":"wamid.\"q\"","timestamp":1700000000,"type":"text",
+                         "text":{"body":"Bonjour \"ami\"\n\u00e9t\u00e9 \ud83d\ude00"}}]}}]}]}"#;
+        let parsed = parse_webhook(raw, now()).unwrap();
+        let m = parsed.messages().next().cloned().unwrap();
+        assert_eq!(m.phone_number_id, "PNID");
+        assert_eq!(m.provider_message_id, "wamid.\"q\"");
+        assert_eq!(m.contact_name.as_deref(), Some("José \"Pepe\""), "a lone contact without wa_id is the sender");
+        assert_eq!(m.timestamp, 1_700_000_000);
+        assert_eq!(m.text.as_deref(), Some("Bonjour \"ami\"\nété 😀"));
+        assert!(m.raw.get().starts_with(r#"{"from":"15559876543","id":"wamid.\"q\"""#), "{}", m.raw.get());
+        assert_eq!(m.raw.value()["text"]["body"], "Bonjour \"ami\"\nété 😀");
+    }
+
+    #[test]
+    fn an_item_with_a_key_twice_is_skipped_and_values_of_the_wrong_type_are_ignored() {
+        let raw = body(change_with_messages(json!([
+            {"from": "15559876543", "id": "wamid.ok", "type": "text", "text": {"body": 42}, "timestamp": {"x": 1}}
+        ])));
+        let parsed = parse_webhook(&raw, now()).unwrap();
+        let m = parsed.messages().next().cloned().unwrap();
+        assert_eq!((m.text, m.timestamp), (None, now().timestamp()));
+
+        let raw = br#"{"object":"x","entry":[{"changes":[{"field":"messages","value":{"messages":[
+            {"from":"15559876543","id":"wamid.1","id":"wamid.2","type":"text","text":{"body":"a"}},
+            {"from":"15559876543","id":"wamid.3","type":"text","text":{"body":"b"}}]}}]}]}"#;
+        let parsed = parse_webhook(raw, now()).unwrap();
+        let ids: Vec<&str> = parsed.messages().map(|m| m.provider_message_id.as_str()).collect();
+        assert_eq!(ids, ["wamid.3"]);
+        assert_eq!(parsed.skipped[0].location, "entry[0].changes[0].value.messages[0]");
     }
 
     #[test]

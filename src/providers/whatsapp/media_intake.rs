@@ -59,7 +59,8 @@ impl MediaIntake<'_> {
         correlate: &(dyn Fn(Event) -> Event + Sync),
     ) -> MediaTurn {
         let Some(kind) = MediaKind::from_message_type(&event.message_type) else { return MediaTurn::NotMedia };
-        let object = &event.raw[kind.as_str()];
+        let raw = event.raw.value();
+        let object = &raw[kind.as_str()];
         let said = event.text.clone().filter(|t| !t.trim().is_empty()).unwrap_or_else(|| placeholder(kind, object));
         let answer =
             |text: String| if kind == MediaKind::Sticker { MediaTurn::Unanswered } else { MediaTurn::Answer(text) };
