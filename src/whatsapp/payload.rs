@@ -9,10 +9,13 @@
 //! [`ParsedWebhook::skipped`] (the webhook logs them at warn); changes whose `field` is not
 //! `messages` are skipped silently (account updates, template reviews…).
 
-use std::borrow::Cow;
+use std::{borrow::Cow, fmt, marker::PhantomData};
 
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor},
+};
 use serde_json::value::RawValue;
 
 use crate::queue::{InboundMessageEvent, QueuedEvent, RawJson, StatusEvent};
@@ -60,171 +63,282 @@ impl ParsedWebhook {
 /// Parses a webhook body. `received_at` stamps every message (and stands in for a missing
 /// provider timestamp).
 ///
-/// The body is read in place: each level is a small struct of borrowed raw values, so nothing is
-/// built as a tree and a message object is copied once, as text, into its event (this parsing was
-/// an eighth of the webhook's CPU as a `serde_json::Value` tree, BENCHMARKS.md). An object with a
-/// key twice is read as malformed at its level (the body, or the one item).
+/// One pass over the body, in place: each level is a struct of borrowed strings whose every
+/// member accepts a value of any type (a member of an unexpected type reads as absent, an item that
+/// is not an object as "not an object"), so nothing is built as a tree; a message object is read a
+/// second time, from its raw text, which is copied as it came into its event. As a
+/// `serde_json::Value` tree this parsing was an eighth of the webhook's CPU (BENCHMARKS.md). An
+/// object with a key twice makes the body malformed (400).
 pub fn parse_webhook(body: &[u8], received_at: DateTime<Utc>) -> Result<ParsedWebhook, PayloadError> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        return Err(match serde_json::from_slice::<IgnoredAny>(body) {
             Ok(_) => PayloadError::NotAnObject,
             Err(_) => PayloadError::InvalidJson,
         });
     }
     // Reading the root checks that the whole body is JSON (nesting bounded, nothing after it).
     let root: Root = serde_json::from_slice(body).map_err(|_| PayloadError::InvalidJson)?;
-    if root.object.and_then(text).is_none() {
+    if root.object.0.is_none() {
         return Err(PayloadError::MissingObject);
     }
-    let Some(entries) = root.entry.and_then(array) else {
+    let Some(entries) = root.entry.0 else {
         return Err(PayloadError::MissingEntry);
     };
 
     let mut parsed = ParsedWebhook::default();
-    for (e, entry) in entries.iter().enumerate() {
-        let Some(entry) = object::<Entry>(entry) else {
+    for (e, entry) in entries.into_iter().enumerate() {
+        let Some(entry) = entry.0 else {
             parsed.skip(format!("entry[{e}]"), "not an object");
             continue;
         };
-        let Some(changes) = entry.changes.and_then(array) else {
+        let Some(changes) = entry.changes.0 else {
             continue;
         };
-        for (c, change) in changes.iter().enumerate() {
+        for (c, change) in changes.into_iter().enumerate() {
             let here = format!("entry[{e}].changes[{c}]");
-            let Some(change) = object::<Change>(change) else {
+            let Some(change) = change.0 else {
                 parsed.skip(here, "not an object");
                 continue;
             };
-            if change.field.and_then(text).as_deref() != Some("messages") {
+            if change.field.0.as_deref() != Some("messages") {
                 parsed.ignored_changes += 1;
                 continue;
             }
-            let Some(value) = change.value.and_then(object::<ChangeValue>) else {
+            let Some(value) = change.value.0 else {
                 parsed.skip(format!("{here}.value"), "missing or not an object");
                 continue;
             };
-            parsed.change(&here, &value, received_at);
+            parsed.change(&here, value, received_at);
         }
     }
     Ok(parsed)
 }
 
+/// A member read whatever its JSON type: `Some` when it is the expected type, `None` otherwise
+/// (the value is skipped). Absent members are `None` too (`#[serde(default)]`).
+#[derive(Debug)]
+struct Lenient<T>(Option<T>);
+
+impl<T> Default for Lenient<T> {
+    fn default() -> Self {
+        Self(None)
+    }
+}
+
+/// What a [`Lenient`] member can be: an object (a struct of lenient members), an array, a string.
+trait Shape<'de>: Sized {
+    fn from_map<A: MapAccess<'de>>(_map: A) -> Result<Option<Self>, A::Error> {
+        Ok(None)
+    }
+    fn from_seq<A: SeqAccess<'de>>(_seq: A) -> Result<Option<Self>, A::Error> {
+        Ok(None)
+    }
+    fn from_str(_s: Cow<'de, str>) -> Option<Self> {
+        None
+    }
+}
+
+impl<'de, T: Shape<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Any<T>(PhantomData<T>);
+        impl<'de, T: Shape<'de>> Visitor<'de> for Any<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                // `from_map` reads the whole map or nothing; drain what it left.
+                let read = T::from_map(&mut map)?;
+                if read.is_none() {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                }
+                Ok(Lenient(read))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let read = T::from_seq(&mut seq)?;
+                if read.is_none() {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                }
+                Ok(Lenient(read))
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Lenient(T::from_str(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Lenient(T::from_str(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+        }
+        deserializer.deserialize_any(Any(PhantomData))
+    }
+}
+
+impl<'de: 'a, 'a> Shape<'de> for Cow<'a, str> {
+    fn from_str(s: Cow<'de, str>) -> Option<Self> {
+        Some(s)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Shape<'de> for Vec<T> {
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Some(items))
+    }
+}
+
+/// The objects of a body: structs whose members are all lenient, read from a map.
+macro_rules! lenient_object {
+    ($($name:ident),* $(,)?) => {$(
+        impl<'de: 'a, 'a> Shape<'de> for $name<'a> {
+            fn from_map<A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+                Self::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
+            }
+        }
+    )*};
+}
+lenient_object!(Entry, Change, ChangeValue, Metadata, Contact, Profile, StatusFields, ErrorFields, Nested, Interactive);
+
+type Text<'a> = Lenient<Cow<'a, str>>;
+type List<T> = Lenient<Vec<T>>;
+
 /// The levels of a body that are looked at; every other key is skipped unread.
 #[derive(Deserialize)]
 struct Root<'a> {
-    #[serde(borrow)]
-    object: Option<&'a RawValue>,
-    #[serde(borrow)]
-    entry: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    object: Text<'a>,
+    #[serde(borrow, default)]
+    entry: List<Lenient<Entry<'a>>>,
 }
 
 #[derive(Deserialize)]
 struct Entry<'a> {
-    #[serde(borrow)]
-    changes: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    changes: List<Lenient<Change<'a>>>,
 }
 
 #[derive(Deserialize)]
 struct Change<'a> {
-    #[serde(borrow)]
-    field: Option<&'a RawValue>,
-    #[serde(borrow)]
-    value: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    field: Text<'a>,
+    #[serde(borrow, default)]
+    value: Lenient<ChangeValue<'a>>,
 }
 
 #[derive(Deserialize)]
 struct ChangeValue<'a> {
-    #[serde(borrow)]
-    metadata: Option<&'a RawValue>,
-    #[serde(borrow)]
-    contacts: Option<&'a RawValue>,
-    #[serde(borrow)]
-    messages: Option<&'a RawValue>,
-    #[serde(borrow)]
-    statuses: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    metadata: Lenient<Metadata<'a>>,
+    #[serde(borrow, default)]
+    contacts: List<Lenient<Contact<'a>>>,
+    /// Kept as text: each is read on its own (and copied into its event as it came).
+    #[serde(borrow, default)]
+    messages: List<&'a RawValue>,
+    #[serde(borrow, default)]
+    statuses: List<Lenient<StatusFields<'a>>>,
 }
 
 #[derive(Deserialize)]
 struct Metadata<'a> {
-    #[serde(borrow)]
-    phone_number_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    phone_number_id: Text<'a>,
 }
 
 #[derive(Deserialize)]
 struct Contact<'a> {
-    #[serde(borrow)]
-    wa_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    profile: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    wa_id: Text<'a>,
+    #[serde(borrow, default)]
+    profile: Lenient<Profile<'a>>,
 }
 
 #[derive(Deserialize)]
 struct Profile<'a> {
-    #[serde(borrow)]
-    name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    name: Text<'a>,
 }
 
 #[derive(Deserialize)]
 struct MessageFields<'a> {
-    #[serde(borrow)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    from: Option<&'a RawValue>,
-    #[serde(borrow, rename = "type")]
-    message_type: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default)]
+    id: Text<'a>,
+    #[serde(borrow, default)]
+    from: Text<'a>,
+    #[serde(borrow, default, rename = "type")]
+    message_type: Text<'a>,
+    #[serde(borrow, default)]
     timestamp: Option<&'a RawValue>,
-    #[serde(borrow)]
-    text: Option<&'a RawValue>,
-    #[serde(borrow)]
-    interactive: Option<&'a RawValue>,
-    #[serde(borrow)]
-    button: Option<&'a RawValue>,
-    #[serde(borrow)]
-    image: Option<&'a RawValue>,
-    #[serde(borrow)]
-    video: Option<&'a RawValue>,
-    #[serde(borrow)]
-    document: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    text: Lenient<Nested<'a>>,
+    #[serde(borrow, default)]
+    interactive: Lenient<Interactive<'a>>,
+    #[serde(borrow, default)]
+    button: Lenient<Nested<'a>>,
+    #[serde(borrow, default)]
+    image: Lenient<Nested<'a>>,
+    #[serde(borrow, default)]
+    video: Lenient<Nested<'a>>,
+    #[serde(borrow, default)]
+    document: Lenient<Nested<'a>>,
 }
 
 #[derive(Deserialize)]
 struct StatusFields<'a> {
-    #[serde(borrow)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    status: Option<&'a RawValue>,
-    #[serde(borrow)]
-    recipient_id: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default)]
+    id: Text<'a>,
+    #[serde(borrow, default)]
+    status: Text<'a>,
+    #[serde(borrow, default)]
+    recipient_id: Text<'a>,
+    #[serde(borrow, default)]
     timestamp: Option<&'a RawValue>,
-    #[serde(borrow)]
-    errors: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    errors: List<Lenient<ErrorFields<'a>>>,
 }
 
 #[derive(Deserialize)]
 struct ErrorFields<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default)]
     code: Option<&'a RawValue>,
-    #[serde(borrow)]
-    title: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    title: Text<'a>,
+}
+
+#[derive(Deserialize)]
+struct Interactive<'a> {
+    #[serde(borrow, default)]
+    button_reply: Lenient<Nested<'a>>,
+    #[serde(borrow, default)]
+    list_reply: Lenient<Nested<'a>>,
 }
 
 /// The members of the nested objects a message's text is read from.
 #[derive(Deserialize)]
 struct Nested<'a> {
-    #[serde(borrow)]
-    body: Option<&'a RawValue>,
-    #[serde(borrow)]
-    button_reply: Option<&'a RawValue>,
-    #[serde(borrow)]
-    list_reply: Option<&'a RawValue>,
-    #[serde(borrow)]
-    title: Option<&'a RawValue>,
-    #[serde(borrow)]
-    text: Option<&'a RawValue>,
-    #[serde(borrow)]
-    caption: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    body: Text<'a>,
+    #[serde(borrow, default)]
+    title: Text<'a>,
+    #[serde(borrow, default)]
+    text: Text<'a>,
+    #[serde(borrow, default)]
+    caption: Text<'a>,
 }
 
 fn first_byte(raw: &RawValue) -> u8 {
@@ -232,39 +346,9 @@ fn first_byte(raw: &RawValue) -> u8 {
     raw.get().as_bytes().first().copied().unwrap_or_default()
 }
 
-fn is_object(raw: &RawValue) -> bool {
-    first_byte(raw) == b'{'
-}
-
-/// `raw` read as `T` if it is an object (that `T` can read: no key twice).
-fn object<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Option<T> {
-    if !is_object(raw) {
-        return None;
-    }
-    serde_json::from_str(raw.get()).ok()
-}
-
-fn array(raw: &RawValue) -> Option<Vec<&RawValue>> {
-    if first_byte(raw) != b'[' {
-        return None;
-    }
-    serde_json::from_str(raw.get()).ok()
-}
-
-/// A JSON string's text (borrowed when it holds no escape).
-fn text(raw: &RawValue) -> Option<Cow<'_, str>> {
-    if first_byte(raw) != b'"' {
-        return None;
-    }
-    match serde_json::from_str::<&str>(raw.get()) {
-        Ok(borrowed) => Some(Cow::Borrowed(borrowed)),
-        Err(_) => serde_json::from_str::<String>(raw.get()).ok().map(Cow::Owned),
-    }
-}
-
 /// A string that is not blank.
-fn non_empty(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
-    raw.and_then(text).filter(|s| !s.trim().is_empty())
+fn non_empty<'a>(text: &'a Text<'_>) -> Option<&'a str> {
+    text.0.as_deref().filter(|s| !s.trim().is_empty())
 }
 
 impl ParsedWebhook {
@@ -272,24 +356,19 @@ impl ParsedWebhook {
         self.skipped.push(SkippedItem { location, reason });
     }
 
-    fn change(&mut self, here: &str, value: &ChangeValue<'_>, received_at: DateTime<Utc>) {
+    fn change(&mut self, here: &str, value: ChangeValue<'_>, received_at: DateTime<Utc>) {
         // A body without metadata (hand-written test bodies, like the checklist's curl examples)
         // yields an empty business number: the worker's channel resolution decides what it means.
-        let phone_number_id = value
-            .metadata
-            .and_then(object::<Metadata>)
-            .and_then(|m| m.phone_number_id)
-            .and_then(text)
-            .unwrap_or_default();
-        let contacts = value.contacts.and_then(array).unwrap_or_default();
+        let phone_number_id = value.metadata.0.and_then(|m| m.phone_number_id.0).unwrap_or_default();
+        let contacts = value.contacts.0.unwrap_or_default();
 
-        for (i, msg) in value.messages.and_then(array).into_iter().flatten().enumerate() {
+        for (i, msg) in value.messages.0.into_iter().flatten().enumerate() {
             match message(&phone_number_id, &contacts, msg, received_at) {
                 Ok(event) => self.events.push(QueuedEvent::Message(event)),
                 Err(reason) => self.skip(format!("{here}.value.messages[{i}]"), reason),
             }
         }
-        for (i, st) in value.statuses.and_then(array).into_iter().flatten().enumerate() {
+        for (i, st) in value.statuses.0.into_iter().flatten().enumerate() {
             match status(&phone_number_id, st, received_at) {
                 Ok(event) => self.events.push(QueuedEvent::Status(event)),
                 Err(reason) => self.skip(format!("{here}.value.statuses[{i}]"), reason),
@@ -300,22 +379,26 @@ impl ParsedWebhook {
 
 fn message(
     phone_number_id: &str,
-    contacts: &[&RawValue],
+    contacts: &[Lenient<Contact<'_>>],
     raw: &RawValue,
     received_at: DateTime<Utc>,
 ) -> Result<InboundMessageEvent, &'static str> {
-    let fields = object::<MessageFields>(raw).ok_or("not an object")?;
-    let id = non_empty(fields.id).ok_or("missing id")?;
-    let from = non_empty(fields.from).ok_or("missing from")?;
-    let message_type = non_empty(fields.message_type).unwrap_or(Cow::Borrowed("unknown"));
-    let text = message_text(&message_type, &fields).filter(|t| !t.is_empty()).map(Cow::into_owned);
+    if first_byte(raw) != b'{' {
+        return Err("not an object");
+    }
+    // A key twice in the message: malformed, skipped.
+    let fields: MessageFields = serde_json::from_str(raw.get()).map_err(|_| "not an object")?;
+    let id = non_empty(&fields.id).ok_or("missing id")?;
+    let from = non_empty(&fields.from).ok_or("missing from")?;
+    let message_type = non_empty(&fields.message_type).unwrap_or("unknown");
+    let text = message_text(message_type, &fields).filter(|t| !t.is_empty()).map(str::to_owned);
     Ok(InboundMessageEvent {
         phone_number_id: phone_number_id.to_owned(),
-        provider_message_id: id.into_owned(),
-        contact_name: contact_name(contacts, &from),
-        from: from.into_owned(),
+        provider_message_id: id.to_owned(),
+        contact_name: contact_name(contacts, from),
+        from: from.to_owned(),
         timestamp: fields.timestamp.and_then(timestamp).unwrap_or_else(|| received_at.timestamp()),
-        message_type: message_type.into_owned(),
+        message_type: message_type.to_owned(),
         text,
         received_at,
         raw: RawJson::from_raw(raw),
@@ -325,55 +408,59 @@ fn message(
 /// The text a message carries, by type: what the user typed, the title of the button or list row
 /// they picked, or the caption of their media. Other types (audio, sticker, location, contacts,
 /// reaction, unsupported…) carry none.
-fn message_text<'a>(message_type: &str, fields: &MessageFields<'a>) -> Option<Cow<'a, str>> {
-    let nested = |raw: Option<&'a RawValue>| raw.and_then(object::<Nested<'a>>);
+fn message_text<'f>(message_type: &str, fields: &'f MessageFields<'_>) -> Option<&'f str> {
+    let member = |nested: &'f Lenient<Nested<'_>>, pick: fn(&'f Nested<'_>) -> &'f Text<'f>| {
+        nested.0.as_ref().and_then(|n| pick(n).0.as_deref())
+    };
     match message_type {
-        "text" => nested(fields.text)?.body.and_then(text),
-        "interactive" => {
-            let interactive = nested(fields.interactive)?;
-            let title = |reply: Option<&'a RawValue>| nested(reply).and_then(|r| r.title).and_then(text);
-            title(interactive.button_reply).or_else(|| title(interactive.list_reply))
-        }
-        "button" => nested(fields.button)?.text.and_then(text),
-        "image" => nested(fields.image)?.caption.and_then(text),
-        "video" => nested(fields.video)?.caption.and_then(text),
-        "document" => nested(fields.document)?.caption.and_then(text),
+        "text" => member(&fields.text, |n| &n.body),
+        "interactive" => fields
+            .interactive
+            .0
+            .as_ref()
+            .and_then(|i| member(&i.button_reply, |n| &n.title).or_else(|| member(&i.list_reply, |n| &n.title))),
+        "button" => member(&fields.button, |n| &n.text),
+        "image" => member(&fields.image, |n| &n.caption),
+        "video" => member(&fields.video, |n| &n.caption),
+        "document" => member(&fields.document, |n| &n.caption),
         _ => None,
     }
 }
 
-fn contact_name(contacts: &[&RawValue], from: &str) -> Option<String> {
-    let read: Vec<Contact> = contacts.iter().filter_map(|c| object::<Contact>(c)).collect();
-    let by_id = read.iter().find(|c| c.wa_id.and_then(text).as_deref() == Some(from));
+fn contact_name(contacts: &[Lenient<Contact<'_>>], from: &str) -> Option<String> {
+    let by_id = contacts.iter().filter_map(|c| c.0.as_ref()).find(|c| c.wa_id.0.as_deref() == Some(from));
     // A lone contact without `wa_id` can only be the sender.
-    let contact = by_id.or_else(|| match (contacts, read.as_slice()) {
-        ([_], [only]) if only.wa_id.is_none() => Some(only),
+    let contact = by_id.or_else(|| match contacts {
+        [Lenient(Some(only))] if only.wa_id.0.is_none() => Some(only),
         _ => None,
     })?;
-    non_empty(contact.profile.and_then(object::<Profile>)?.name).map(Cow::into_owned)
+    non_empty(&contact.profile.0.as_ref()?.name).map(str::to_owned)
 }
 
-fn status(phone_number_id: &str, raw: &RawValue, received_at: DateTime<Utc>) -> Result<StatusEvent, &'static str> {
-    let fields = object::<StatusFields>(raw).ok_or("not an object")?;
-    let id = non_empty(fields.id).ok_or("missing id")?;
-    let status = non_empty(fields.status).ok_or("missing status")?;
-    let first_error =
-        fields.errors.and_then(array).and_then(|errors| errors.first().copied()).and_then(object::<ErrorFields>);
+fn status(
+    phone_number_id: &str,
+    fields: Lenient<StatusFields<'_>>,
+    received_at: DateTime<Utc>,
+) -> Result<StatusEvent, &'static str> {
+    let fields = fields.0.ok_or("not an object")?;
+    let id = non_empty(&fields.id).ok_or("missing id")?;
+    let status = non_empty(&fields.status).ok_or("missing status")?;
+    let first_error = fields.errors.0.as_ref().and_then(|errors| errors.first()).and_then(|e| e.0.as_ref());
     Ok(StatusEvent {
         phone_number_id: phone_number_id.to_owned(),
-        provider_message_id: id.into_owned(),
-        status: status.into_owned(),
-        recipient: non_empty(fields.recipient_id).map(Cow::into_owned),
+        provider_message_id: id.to_owned(),
+        status: status.to_owned(),
+        recipient: non_empty(&fields.recipient_id).map(str::to_owned),
         timestamp: fields.timestamp.and_then(timestamp).unwrap_or_else(|| received_at.timestamp()),
-        error_code: first_error.as_ref().and_then(|e| e.code).and_then(scalar_text),
-        error_title: first_error.as_ref().and_then(|e| non_empty(e.title)).map(Cow::into_owned),
+        error_code: first_error.and_then(|e| e.code).and_then(scalar_text),
+        error_title: first_error.and_then(|e| non_empty(&e.title)).map(str::to_owned),
     })
 }
 
 /// Meta sends Unix seconds as a string; accept a number too.
 fn timestamp(raw: &RawValue) -> Option<i64> {
     match first_byte(raw) {
-        b'"' => text(raw)?.trim().parse().ok(),
+        b'"' => serde_json::from_str::<Cow<str>>(raw.get()).ok()?.trim().parse().ok(),
         _ => serde_json::from_str::<i64>(raw.get()).ok(),
     }
 }
@@ -381,7 +468,7 @@ fn timestamp(raw: &RawValue) -> Option<i64> {
 /// A non-empty string, or a number written as JSON wrote it.
 fn scalar_text(raw: &RawValue) -> Option<String> {
     match first_byte(raw) {
-        b'"' => text(raw).filter(|s| !s.is_empty()).map(Cow::into_owned),
+        b'"' => serde_json::from_str::<String>(raw.get()).ok().filter(|s| !s.is_empty()),
         b'-' | b'0'..=b'9' => Some(raw.get().to_owned()),
         _ => None,
     }
@@ -577,6 +664,44 @@ mod tests {
         let ids: Vec<&str> = parsed.messages().map(|m| m.provider_message_id.as_str()).collect();
         assert_eq!(ids, ["wamid.3"]);
         assert_eq!(parsed.skipped[0].location, "entry[0].changes[0].value.messages[0]");
+    }
+
+    #[test]
+    fn members_of_unexpected_types_are_skipped_or_ignored_in_place_and_the_good_items_kept() {
+        let raw = json!({"object": "whatsapp_business_account", "entry": [
+            "not an entry",
+            {"changes": "not a list"},
+            {"changes": [
+                42,
+                {"field": 7, "value": {"messages": "x"}},
+                {"field": "messages", "value": "not an object"},
+                {"field": "messages", "value": {
+                    "metadata": {"phone_number_id": 123},
+                    "contacts": "nobody",
+                    "messages": [{"from": "15559876543", "id": "wamid.kept", "type": "text", "text": "flat"}],
+                    "statuses": [[1], {"id": "wamid.out", "status": "failed", "errors": {"code": 1}}]
+                }}
+            ]}
+        ]});
+        let parsed = parse_webhook(raw.to_string().as_bytes(), now()).unwrap();
+        let m = parsed.messages().next().cloned().unwrap();
+        assert_eq!((m.phone_number_id.as_str(), m.provider_message_id.as_str()), ("", "wamid.kept"));
+        assert_eq!((m.text, m.contact_name), (None, None));
+        let statuses: Vec<_> = parsed.events.iter().filter(|e| matches!(e, QueuedEvent::Status(_))).collect();
+        assert_eq!(statuses.len(), 1);
+        assert_eq!(parsed.ignored_changes, 1);
+        let skipped: Vec<(&str, &str)> = parsed.skipped.iter().map(|s| (s.location.as_str(), s.reason)).collect();
+        assert_eq!(
+            skipped,
+            [
+                ("entry[0]", "not an object"),
+                ("entry[2].changes[0]", "not an object"),
+                ("entry[2].changes[2].value", "missing or not an object"),
+                ("entry[2].changes[3].value.statuses[0]", "not an object"),
+            ]
+        );
+        // A key twice in the envelope: the body is malformed.
+        assert_eq!(parse_webhook(br#"{"object":"x","entry":[],"entry":[]}"#, now()), Err(PayloadError::InvalidJson));
     }
 
     #[test]
