@@ -107,18 +107,25 @@ pub trait EventSink: Send + Sync {
 
 /// Writes one JSON object per line: `timestamp`, `level`, `event`, then the fields at top level.
 pub struct JsonLinesSink {
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Output,
     min_level: Level,
+}
+
+enum Output {
+    /// The batched stdout, which keeps each line whole by itself: no lock of our own.
+    Stdout,
+    /// Any other writer, one line at a time.
+    Writer(Mutex<Box<dyn Write + Send>>),
 }
 
 impl JsonLinesSink {
     /// Lines to the process's stdout, in batches (see [`crate::stdout`]).
     pub fn stdout(min_level: Level) -> Self {
-        Self::new(Box::new(crate::stdout::Lines), min_level)
+        Self { out: Output::Stdout, min_level }
     }
 
     pub fn new(out: Box<dyn Write + Send>, min_level: Level) -> Self {
-        Self { out: Mutex::new(out), min_level }
+        Self { out: Output::Writer(Mutex::new(out)), min_level }
     }
 
     pub fn render(event: &Event) -> String {
@@ -171,10 +178,17 @@ impl EventSink for JsonLinesSink {
         let mut line = Vec::with_capacity(256);
         Self::render_into(&event, &mut line);
         line.push(b'\n');
-        // A poisoned lock only means another thread panicked mid-write; keep logging.
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = out.write_all(&line);
-        let _ = out.flush();
+        match &self.out {
+            Output::Stdout => {
+                let _ = crate::stdout::Lines.write_all(&line);
+            }
+            Output::Writer(out) => {
+                // A poisoned lock only means another thread panicked mid-write; keep logging.
+                let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = out.write_all(&line);
+                let _ = out.flush();
+            }
+        }
     }
 }
 
