@@ -12,6 +12,8 @@
 
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use engine::ports::{EmbedPurpose, Embedder, PortErrorKind};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -185,6 +187,9 @@ pub enum JobOutcome {
     /// The claim was lost (its lease ran out and another process took the document, a re-index
     /// was asked, or the document was deleted): nothing was written.
     Abandoned,
+    /// The stop token ([`Ingestor::with_stop`]) was cancelled before anything was written: the
+    /// caller gives the document back to the queue.
+    Stopped,
 }
 
 /// Why one attempt failed.
@@ -341,6 +346,15 @@ pub struct Ingestor<'a> {
     chunking: ChunkOptions,
     retry: RetryPolicy,
     lease: Duration,
+    stop: Option<CancellationToken>,
+}
+
+/// A document read, chunked and embedded, ready to be written.
+struct Prepared {
+    heading: Option<String>,
+    contents: Vec<String>,
+    literals: Vec<String>,
+    ordinals: Vec<i32>,
 }
 
 impl<'a> Ingestor<'a> {
@@ -352,6 +366,7 @@ impl<'a> Ingestor<'a> {
             chunking: ChunkOptions::default(),
             retry: RetryPolicy::default(),
             lease: DEFAULT_LEASE,
+            stop: None,
         }
     }
 
@@ -367,6 +382,13 @@ impl<'a> Ingestor<'a> {
 
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Stops [`Ingestor::run`] when `stop` is cancelled while a document is being read, chunked or
+    /// embedded ([`JobOutcome::Stopped`]); once its write has begun, the write completes.
+    pub fn with_stop(mut self, stop: CancellationToken) -> Self {
+        self.stop = Some(stop);
         self
     }
 
@@ -439,6 +461,8 @@ impl<'a> Ingestor<'a> {
             JobOutcome::Retry { reason, .. } => IngestOutcome::Queued { document_id, reason },
             // Deleted (or queued again) while it was being indexed: nothing to report on.
             JobOutcome::Abandoned => return Err(KnowledgeError::DocumentNotFound(document_id)),
+            // Inline runs have no stop token.
+            JobOutcome::Stopped => return Err(KnowledgeError::DocumentNotFound(document_id)),
         })
     }
 
@@ -461,18 +485,34 @@ impl<'a> Ingestor<'a> {
             );
             return self.fail(job, &reason).await;
         }
-        let work = self.attempt(job);
+        // The preparation (read, extract, embed) may take long: the lease is renewed meanwhile,
+        // and a stop or a lost claim drops it. The write is never dropped half-way: it checks the
+        // claim itself, and once it has committed its outcome is reported.
+        let work = self.prepare(job);
         tokio::pin!(work);
         let renew_every = (self.lease / 3).max(Duration::from_millis(100));
-        let result = loop {
+        let stopped = async {
+            match &self.stop {
+                Some(stop) => stop.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stopped);
+        let prepared = loop {
             tokio::select! {
-                result = &mut work => break result,
+                biased;
+                prepared = &mut work => break prepared,
+                _ = &mut stopped => return Ok(JobOutcome::Stopped),
                 _ = tokio::time::sleep(renew_every) => {
                     if !self.renew(job).await {
                         return Ok(JobOutcome::Abandoned);
                     }
                 }
             }
+        };
+        let result = match prepared {
+            Ok(prepared) => self.write(job, prepared).await,
+            Err(e) => Err(e),
         };
         match result {
             Ok(Some(chunks)) => Ok(JobOutcome::Indexed { chunks }),
@@ -503,9 +543,8 @@ impl<'a> Ingestor<'a> {
         !matches!(renewed, Ok(r) if r.rows_affected() == 0)
     }
 
-    /// One attempt: the chunks written and the status `indexed` in one transaction, if the claim
-    /// still holds (`None` when it does not).
-    async fn attempt(&self, job: &Job) -> Result<Option<usize>, AttemptError> {
+    /// An attempt's first part: the original read, its text extracted, chunked and embedded.
+    async fn prepare(&self, job: &Job) -> Result<Prepared, AttemptError> {
         let kind = DocumentKind::from_name(&job.source)
             .ok_or_else(|| AttemptError::Permanent(ExtractError::Unsupported.to_string()))?;
         let key = job
@@ -552,14 +591,20 @@ impl<'a> Ingestor<'a> {
             // A wrong embedder fails the document with a reason, not the insert.
             .map_err(|e| AttemptError::Permanent(format!("the embedder's output cannot be stored: {e}")))?;
         let ordinals: Vec<i32> = (0..contents.len()).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
+        Ok(Prepared { heading: first_heading(&text), contents, literals, ordinals })
+    }
 
+    /// An attempt's second part: the chunks written and the status `indexed` in one transaction,
+    /// if the claim still holds (`None` when it does not).
+    async fn write(&self, job: &Job, prepared: Prepared) -> Result<Option<usize>, AttemptError> {
+        let Prepared { heading, contents, literals, ordinals } = prepared;
         let mut tx = self.store.pool().begin().await?;
         // The row first: it locks the document, and proves the claim is still this process's.
         let mut update = sqlx::QueryBuilder::new(
             "UPDATE knowledge_documents
              SET status = 'indexed', error = NULL, locked_by = NULL, locked_until = NULL, updated_at = now()",
         );
-        if let Some(heading) = first_heading(&text) {
+        if let Some(heading) = heading {
             update.push(", title = ").push_bind(heading);
         }
         update.push(" WHERE status = 'indexing' AND id = ").push_bind(job.id);

@@ -85,8 +85,9 @@ impl KnowledgeWorker {
         Self { config: Arc::new(config), store, embedder, storage, events }
     }
 
-    /// Runs until `stop` is cancelled. A document being indexed then is given back to the queue
-    /// at once (not left to its lease), and the call returns.
+    /// Runs until `stop` is cancelled. A document being read or embedded then is given back to
+    /// the queue at once (not left to its lease); one being written is finished first. Then the
+    /// call returns.
     pub async fn run(self, stop: CancellationToken) {
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(listen(self.store.clone(), wake.clone(), stop.clone()));
@@ -114,12 +115,10 @@ impl KnowledgeWorker {
             };
             match claimed {
                 Ok(Some(job)) => {
-                    tokio::select! {
-                        _ = stop.cancelled() => {
-                            release(&self.store, &job).await;
-                            return;
-                        }
-                        _ = self.index(&job) => {}
+                    // A stop interrupts the reading and embedding, not the write (see `Ingestor::run`).
+                    if self.index(&job, &stop).await == JobOutcome::Stopped {
+                        release(&self.store, &job).await;
+                        return;
                     }
                     continue;
                 }
@@ -135,11 +134,12 @@ impl KnowledgeWorker {
     }
 
     /// Indexes one claimed document and reports what became of it.
-    pub async fn index(&self, job: &Job) -> JobOutcome {
+    pub async fn index(&self, job: &Job, stop: &CancellationToken) -> JobOutcome {
         let started = std::time::Instant::now();
         let ingestor = Ingestor::new(&self.store, self.embedder.as_ref(), self.storage.as_ref())
             .with_retry(self.config.retry)
-            .with_lease(self.config.lease);
+            .with_lease(self.config.lease)
+            .with_stop(stop.clone());
         let outcome = match ingestor.run(job).await {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -177,6 +177,9 @@ impl KnowledgeWorker {
             ),
             JobOutcome::Abandoned => {
                 tracing::info!(document_id = %job.id, "knowledge document claim lost; another process has it")
+            }
+            JobOutcome::Stopped => {
+                tracing::info!(document_id = %job.id, "knowledge worker stopping; the document goes back to the queue")
             }
         }
         outcome
