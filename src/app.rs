@@ -12,7 +12,7 @@ use engine::{
     reload::{Reloader, WatchHandle},
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use poem::{EndpointExt, Server, listener::TcpAcceptor};
+use poem::{Server, listener::TcpAcceptor};
 use redis::aio::ConnectionManager;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -139,6 +139,8 @@ impl App {
                 conn: self.redis.clone(),
                 channel: self.reload_channel(),
             })),
+            channel_credentials: self.channel_credentials.clone(),
+            knowledge: Some(http::knowledge::KnowledgeDeps::new(self.store.clone(), self.storage.clone())),
         }
     }
 
@@ -320,12 +322,7 @@ pub async fn start(app: App, role: Role, bind: SocketAddr, worker_id: String) ->
         let local = listener.local_addr()?;
         addr = Some(local);
         let acceptor = TcpAcceptor::from_tokio(listener)?;
-        // The webhook finds the channels' own tokens in the request data.
-        let routes = match &app.channel_credentials {
-            Some(cache) => http::routes(app.http_state()).data(cache.clone()).boxed(),
-            None => http::routes(app.http_state()),
-        };
-        let routes = routes.data(http::knowledge::KnowledgeDeps::new(app.store.clone(), app.storage.clone())).boxed();
+        let routes = http::routes(app.http_state());
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             let server = Server::new_with_acceptor(acceptor);

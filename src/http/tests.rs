@@ -148,6 +148,8 @@ impl Setup {
             reloader: self.reloader,
             metrics: self.metrics,
             reload_broadcast: None,
+            channel_credentials: None,
+            knowledge: None,
         };
         let client = TestClient::new(routes(state.clone()));
         Harness { client, app: routes(state), intake, readiness, events }
@@ -592,6 +594,53 @@ async fn security_headers_are_set_unless_helmet_is_disabled() {
     resp.assert_header_exist("Strict-Transport-Security");
 
     let resp = Setup::new().var("ENABLE_HELMET", "false").build().client.get("/health").send().await;
+    resp.assert_header_is_not_exist("X-Frame-Options");
+}
+
+/// The webhook's POST is served ahead of the router (`routes`): it must still get the layers every
+/// route gets — security headers, CORS for a request with an `Origin`, the route's metrics.
+#[tokio::test]
+async fn the_webhook_post_gets_the_same_layers_as_every_route() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let h = harness();
+    let resp = post_signed(&h, one_text_body("wamid.layers")).await;
+    resp.assert_status_is_ok();
+    resp.assert_header("X-Content-Type-Options", "nosniff");
+    resp.assert_header("X-Frame-Options", "DENY");
+    resp.assert_header_exist("Strict-Transport-Security");
+    resp.assert_header_is_not_exist("Access-Control-Allow-Origin");
+
+    let body = one_text_body("wamid.cors");
+    let resp = h
+        .client
+        .post(WEBHOOK)
+        .header("X-Hub-Signature-256", meta_signature(&dev_app_secret(), &body))
+        .header("Origin", "https://admin.example.com")
+        .content_type("application/json")
+        .body(body)
+        .send()
+        .await;
+    resp.assert_status_is_ok();
+    resp.assert_header("Access-Control-Allow-Origin", "https://admin.example.com");
+    resp.assert_header("X-Frame-Options", "DENY");
+    let ids: Vec<String> = h.intake.accepted().iter().map(|e| e.provider_message_id().to_owned()).collect();
+    assert_eq!(ids, ["wamid.layers", "wamid.cors"]);
+
+    let text = handle.render();
+    assert!(
+        text.lines().any(|l| l.starts_with("parley_http_requests_total{")
+            && l.contains(r#"route="webhook""#)
+            && l.contains(r#"status="200""#)
+            && l.ends_with(" 2")),
+        "{text}"
+    );
+
+    let h = Setup::new().var("ENABLE_HELMET", "false").build();
+    let resp = post_signed(&h, one_text_body("wamid.plain")).await;
+    resp.assert_status_is_ok();
     resp.assert_header_is_not_exist("X-Frame-Options");
 }
 

@@ -88,6 +88,12 @@ pub async fn verify(state: Data<&HttpState>, req: &Request) -> Response {
 /// A notification: authenticate, parse every entry, change, message and status, make them durable.
 #[handler]
 pub async fn receive(state: Data<&HttpState>, req: &Request, body: Body) -> Response {
+    accept_notification(&state, req, body).await
+}
+
+/// What [`receive`] does, callable without poem's extractors: the front endpoint
+/// ([`super::routes`]) serves the webhook's POST with it ahead of the router.
+pub(crate) async fn accept_notification(state: &HttpState, req: &Request, body: Body) -> Response {
     let settings = &state.settings;
 
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -116,10 +122,10 @@ pub async fn receive(state: Data<&HttpState>, req: &Request, body: Body) -> Resp
     };
 
     // Also enforced while reading: a chunked body declares no length.
-    let body = match body.into_bytes_limit(MAX_BODY_BYTES).await {
+    let body = match read_body(body).await {
         Ok(bytes) => bytes,
-        Err(poem::error::ReadBodyError::PayloadTooLarge) => return too_large(),
-        Err(e) => {
+        Err(BodyError::TooLarge) => return too_large(),
+        Err(BodyError::Unreadable(e)) => {
             tracing::debug!(error = %e, "webhook body could not be read");
             return json_error(StatusCode::BAD_REQUEST, "body could not be read");
         }
@@ -132,7 +138,8 @@ pub async fn receive(state: Data<&HttpState>, req: &Request, body: Body) -> Resp
         }
     }
     if let Some(token) = &header_token {
-        match authenticate_channels(&state, req.data::<Arc<ChannelCredentialCache>>(), &body, token).await {
+        // Boxed: a rare path (360dialog only) that would otherwise enlarge every request's future.
+        match Box::pin(authenticate_channels(state, state.channel_credentials.as_ref(), &body, token)).await {
             Ok(()) => {}
             Err(ChannelAuthError::Refused(e)) => return unauthenticated(&e, "invalid token"),
             Err(ChannelAuthError::Unavailable(error)) => {
@@ -210,6 +217,25 @@ pub async fn receive(state: Data<&HttpState>, req: &Request, body: Body) -> Resp
     }
 }
 
+enum BodyError {
+    TooLarge,
+    Unreadable(String),
+}
+
+/// The whole body, refused past [`MAX_BODY_BYTES`] while it is read. A body that arrived in one
+/// frame (the usual case) is returned without a copy; poem's `into_bytes_limit` copies every chunk
+/// twice through a zeroed 4 KiB buffer that also made each request's future 4 KiB larger.
+async fn read_body(body: Body) -> Result<bytes::Bytes, BodyError> {
+    use http_body_util::{BodyExt, LengthLimitError, Limited, combinators::BoxBody};
+
+    let body: BoxBody<bytes::Bytes, std::io::Error> = body.into();
+    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(BodyError::TooLarge),
+        Err(e) => Err(BodyError::Unreadable(e.to_string())),
+    }
+}
+
 enum ChannelAuthError {
     Refused(SignatureError),
     Unavailable(String),
@@ -268,7 +294,7 @@ mod dialog360_auth_tests {
     };
 
     use engine::events::MemoryEvents;
-    use poem::{EndpointExt, endpoint::BoxEndpoint, test::TestClient};
+    use poem::{endpoint::BoxEndpoint, test::TestClient};
     use serde_json::{Value, json};
 
     use super::*;
@@ -352,15 +378,10 @@ mod dialog360_auth_tests {
             reloader: None,
             metrics: None,
             reload_broadcast: None,
+            channel_credentials: channels.map(|channels| Arc::new(ChannelCredentialCache::new(channels, None))),
+            knowledge: None,
         };
-        let app = match channels {
-            Some(channels) => {
-                let cache = Arc::new(ChannelCredentialCache::new(channels, None));
-                routes(state).data(cache).boxed()
-            }
-            None => routes(state),
-        };
-        Webhook { client: TestClient::new(app), intake }
+        Webhook { client: TestClient::new(routes(state)), intake }
     }
 
     fn change(phone_number_id: &str, wamid: &str) -> Value {
