@@ -661,7 +661,7 @@ impl Worker {
 struct JobEvent(Event);
 
 impl JobEvent {
-    fn with(self, key: &str, value: impl serde::Serialize) -> Self {
+    fn with(self, key: &'static str, value: impl serde::Serialize) -> Self {
         Self(self.0.with(key, value))
     }
     fn emit(self, sink: &dyn EventSink) {

@@ -80,10 +80,10 @@ impl Correlation {
 
     /// Adds the ids to an event, as top-level fields.
     pub fn stamp(&self, mut event: Event) -> Event {
-        event.fields.insert("providerMessageId".into(), self.provider_message_id.clone().into());
-        event.fields.insert("tenantId".into(), self.tenant_id.clone().into());
-        event.fields.insert("conversationId".into(), self.conversation_id.clone().into());
-        event.fields.insert("jobId".into(), self.job_id.to_string().into());
+        event.fields.insert("providerMessageId", self.provider_message_id.clone().into());
+        event.fields.insert("tenantId", self.tenant_id.clone().into());
+        event.fields.insert("conversationId", self.conversation_id.clone().into());
+        event.fields.insert("jobId", self.job_id.to_string().into());
         event
     }
 }

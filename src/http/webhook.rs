@@ -105,19 +105,19 @@ pub(crate) async fn accept_notification(state: &HttpState, req: &Request, body: 
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     // 360dialog: the token, checked once the body says which channels it is for.
     let mut header_token = None;
-    let signed = match settings.whatsapp_provider {
+    let meta_digest = match settings.whatsapp_provider {
         WhatsAppProvider::Meta | WhatsAppProvider::Sandbox => {
-            if let Err(e) = signature::parse_signature_header(header(signature::META_SIGNATURE_HEADER)) {
-                return unauthenticated(&e, "invalid signature");
+            match signature::parse_signature_header(header(signature::META_SIGNATURE_HEADER)) {
+                Ok(digest) => Some(digest),
+                Err(e) => return unauthenticated(&e, "invalid signature"),
             }
-            true
         }
         WhatsAppProvider::Dialog360 => {
             match header(&settings.whatsapp_webhook_token_header).filter(|t| !t.is_empty()) {
                 Some(token) => header_token = Some(token.to_owned()),
                 None => return unauthenticated(&SignatureError::MissingToken, "invalid token"),
             }
-            false
+            None
         }
     };
 
@@ -131,9 +131,8 @@ pub(crate) async fn accept_notification(state: &HttpState, req: &Request, body: 
         }
     };
 
-    if signed {
-        let secret = settings.whatsapp_app_secret.as_ref();
-        if let Err(e) = signature::verify_meta_signature(secret, &body, header(signature::META_SIGNATURE_HEADER)) {
+    if let Some(digest) = &meta_digest {
+        if let Err(e) = signature::verify_meta_digest(settings.whatsapp_app_secret.as_ref(), &body, digest) {
             return unauthenticated(&e, "invalid signature");
         }
     }

@@ -85,7 +85,7 @@ return n
 
 /// The XADDs of one [`Queue::enqueue`] call (stream key, event JSON), waiting to be sent.
 struct PendingAdds {
-    adds: Vec<(String, String)>,
+    adds: Vec<(Arc<str>, String)>,
     timeout: Duration,
     reply: tokio::sync::oneshot::Sender<Result<Vec<String>, QueueError>>,
 }
@@ -98,7 +98,8 @@ struct PendingAdds {
 /// that arrived together are sent together; a lone request waits for nothing else. A batch that
 /// fails fails every call in it, each of which then spools its events to PostgreSQL as a failed
 /// XADD always did (the dedupe in PostgreSQL answers an event that was added and spooled once).
-/// A batch is bounded by the longest timeout of its calls; each call is bounded by its own.
+/// A batch is bounded by the shortest timeout of its calls (in practice they share the queue's),
+/// so that each call is answered within its own: the call itself sets no timer.
 #[derive(Clone)]
 struct AddBatcher {
     tx: tokio::sync::mpsc::UnboundedSender<PendingAdds>,
@@ -124,11 +125,11 @@ impl AddBatcher {
                     }
                 }
                 let mut pipe = redis::pipe();
-                let mut timeout = Duration::ZERO;
+                let mut timeout = Duration::MAX;
                 for pending in &batch {
-                    timeout = timeout.max(pending.timeout);
+                    timeout = timeout.min(pending.timeout);
                     for (key, json) in &pending.adds {
-                        pipe.cmd("XADD").arg(key).arg("*").arg(EVENT_FIELD).arg(json);
+                        pipe.cmd("XADD").arg(&**key).arg("*").arg(EVENT_FIELD).arg(json);
                     }
                 }
                 // Sent in the background, so that the next batch forms while this one is in flight
@@ -158,16 +159,14 @@ impl AddBatcher {
     }
 
     /// Adds `adds` in one batch with whatever else is waiting; the ids in the same order.
-    async fn add(&self, adds: Vec<(String, String)>, timeout: Duration) -> Result<Vec<String>, QueueError> {
+    async fn add(&self, adds: Vec<(Arc<str>, String)>, timeout: Duration) -> Result<Vec<String>, QueueError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let stopped =
             || QueueError::Redis(RedisError::Failed { op: "XADD", message: "the queue is shutting down".into() });
         self.tx.send(PendingAdds { adds, timeout, reply }).map_err(|_| stopped())?;
-        match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(stopped()),
-            Err(_) => Err(QueueError::Redis(RedisError::Timeout { op: "XADD", after: timeout })),
-        }
+        // The batch's query is bounded by this call's timeout (see above); a batch task that
+        // ended without answering dropped the sender.
+        answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
 
@@ -222,6 +221,8 @@ pub struct Queue {
     adds: Arc<std::sync::Mutex<Option<AddBatcher>>>,
     /// One per shard, indexed by shard.
     readers: Option<Arc<[ConnectionManager]>>,
+    /// `{prefix}:inbound:{shard}`, indexed by shard.
+    stream_keys: Arc<[Arc<str>]>,
     prefix: String,
     shards: u32,
     op_timeout: Duration,
@@ -242,12 +243,15 @@ impl Queue {
     /// A queue of `shards` streams (at least 1) under `prefix` (see [`DEFAULT_PREFIX`]), with the
     /// [`DEFAULT_OP_TIMEOUT`].
     pub fn new(conn: ConnectionManager, prefix: impl Into<String>, shards: u32) -> Self {
+        let prefix = prefix.into();
+        let shards = shards.max(1);
         Self {
             conn,
             adds: Arc::default(),
             readers: None,
-            prefix: prefix.into(),
-            shards: shards.max(1),
+            stream_keys: (0..shards).map(|shard| Arc::from(format!("{prefix}:inbound:{shard}"))).collect(),
+            prefix,
+            shards,
             op_timeout: DEFAULT_OP_TIMEOUT,
         }
     }
@@ -289,6 +293,14 @@ impl Queue {
         format!("{}:inbound:{shard}", self.prefix)
     }
 
+    /// [`Queue::stream_key`] of a shard of this queue, shared.
+    fn shared_stream_key(&self, shard: u32) -> Arc<str> {
+        match self.stream_keys.get(shard as usize) {
+            Some(key) => Arc::clone(key),
+            None => Arc::from(self.stream_key(shard)),
+        }
+    }
+
     /// `{prefix}:dead`.
     pub fn dead_letter_key(&self) -> String {
         format!("{}:dead", self.prefix)
@@ -315,7 +327,7 @@ impl Queue {
         for event in events {
             let shard = event.shard(self.shards);
             let json = serde_json::to_string(event).map_err(|e| QueueError::Encode(e.to_string()))?;
-            adds.push((self.stream_key(shard), json));
+            adds.push((self.shared_stream_key(shard), json));
             shards.push(shard);
         }
         let batcher = {

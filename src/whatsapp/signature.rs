@@ -52,11 +52,20 @@ pub fn verify_meta_signature(
     body: &[u8],
     header: Option<&str>,
 ) -> Result<(), SignatureError> {
-    let provided = parse_signature_header(header)?;
+    verify_meta_digest(app_secret, body, &parse_signature_header(header)?)
+}
+
+/// Checks a digest already read by [`parse_signature_header`] against the raw body, in constant
+/// time.
+pub fn verify_meta_digest(
+    app_secret: Option<&SecretString>,
+    body: &[u8],
+    provided: &[u8; 32],
+) -> Result<(), SignatureError> {
     let secret = app_secret.ok_or(SignatureError::NotConfigured)?;
     let mut mac = hmac_with(secret.expose_secret().as_bytes());
     mac.update(body);
-    mac.verify_slice(&provided).map_err(|_| SignatureError::Mismatch)
+    mac.verify_slice(provided).map_err(|_| SignatureError::Mismatch)
 }
 
 /// Parses `sha256=<hex>` into the 32 bytes of the digest. Done before the body is read, so that an
