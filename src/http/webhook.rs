@@ -131,10 +131,10 @@ pub(crate) async fn accept_notification(state: &HttpState, req: &Request, body: 
         }
     };
 
-    if let Some(digest) = &meta_digest {
-        if let Err(e) = signature::verify_meta_digest(settings.whatsapp_app_secret.as_ref(), &body, digest) {
-            return unauthenticated(&e, "invalid signature");
-        }
+    if let Some(digest) = &meta_digest
+        && let Err(e) = signature::verify_meta_digest(settings.whatsapp_app_secret.as_ref(), &body, digest)
+    {
+        return unauthenticated(&e, "invalid signature");
     }
     if let Some(token) = &header_token {
         // Boxed: a rare path (360dialog only) that would otherwise enlarge every request's future.
