@@ -3,11 +3,13 @@
 
 use std::{
     borrow::Cow,
+    cell::RefCell,
+    fmt::Write as _,
     io::Write,
     sync::{Arc, Mutex},
 };
 
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -202,7 +204,7 @@ impl JsonLinesSink {
         if !reserved("timestamp") {
             key(out, "timestamp");
             out.push(b'"');
-            out.extend_from_slice(Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true).as_bytes());
+            write_timestamp(Utc::now(), out);
             out.push(b'"');
         }
         if !reserved("level") {
@@ -221,24 +223,67 @@ impl JsonLinesSink {
     }
 }
 
+/// `2026-11-28T19:43:04.123Z` (RFC 3339, UTC, milliseconds), as chrono's `to_rfc3339_opts` writes
+/// it; the part up to the seconds is formatted once per second and thread.
+fn write_timestamp(now: DateTime<Utc>, out: &mut Vec<u8>) {
+    thread_local! {
+        static SECOND: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+    }
+    let second = now.timestamp();
+    let cached = SECOND.with(|cell| {
+        let Ok(mut cell) = cell.try_borrow_mut() else { return false };
+        let (at, text) = &mut *cell;
+        if *at != second {
+            text.clear();
+            let _ = write!(text, "{}", now.format("%Y-%m-%dT%H:%M:%S"));
+            *at = second;
+        }
+        out.extend_from_slice(text.as_bytes());
+        true
+    });
+    if !cached {
+        let _ = write!(out, "{}", now.format("%Y-%m-%dT%H:%M:%S"));
+    }
+    // A leap second reads as 1000-1999 ms; chrono writes it the same way.
+    let millis = now.timestamp_subsec_millis();
+    let _ = write!(out, ".{millis:03}Z");
+}
+
 impl EventSink for JsonLinesSink {
     fn emit(&self, event: Event) {
         if event.level < self.min_level {
             return;
         }
-        let mut line = Vec::with_capacity(256);
-        Self::render_into(&event, &mut line);
-        line.push(b'\n');
-        match &self.out {
-            Output::Stdout => {
-                let _ = crate::stdout::Lines.write_all(&line);
+        // One line buffer per thread, reused; a fresh one if this thread is already rendering.
+        thread_local! {
+            static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+        }
+        let write = |line: &mut Vec<u8>| {
+            line.clear();
+            Self::render_into(&event, line);
+            line.push(b'\n');
+            match &self.out {
+                Output::Stdout => {
+                    let _ = crate::stdout::Lines.write_all(line);
+                }
+                Output::Writer(out) => {
+                    // A poisoned lock only means another thread panicked mid-write; keep logging.
+                    let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = out.write_all(line);
+                    let _ = out.flush();
+                }
             }
-            Output::Writer(out) => {
-                // A poisoned lock only means another thread panicked mid-write; keep logging.
-                let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = out.write_all(&line);
-                let _ = out.flush();
+            line.shrink_to(4096);
+        };
+        let done = LINE.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut line) => {
+                write(&mut line);
+                true
             }
+            Err(_) => false,
+        });
+        if !done {
+            write(&mut Vec::with_capacity(256));
         }
     }
 }
@@ -293,6 +338,26 @@ mod tests {
         assert_eq!(line["level"], "info");
         assert_eq!(line["scope"], "conversation");
         assert_eq!(line["count"], 6);
+    }
+
+    #[test]
+    fn timestamps_are_written_as_chrono_writes_rfc_3339_with_milliseconds() {
+        use chrono::{SecondsFormat, TimeZone};
+        let instants = [
+            Utc.timestamp_millis_opt(0).unwrap(),
+            Utc.timestamp_millis_opt(1_795_000_000_007).unwrap(),
+            Utc.timestamp_millis_opt(1_795_000_000_999).unwrap(),
+            // The same second again (cached), then the next one, then an earlier one.
+            Utc.timestamp_millis_opt(1_795_000_000_120).unwrap(),
+            Utc.timestamp_millis_opt(1_795_000_001_000).unwrap(),
+            Utc.timestamp_millis_opt(951_782_400_500).unwrap(),
+            Utc::now(),
+        ];
+        for at in instants {
+            let mut out = Vec::new();
+            write_timestamp(at, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), at.to_rfc3339_opts(SecondsFormat::Millis, true));
+        }
     }
 
     #[test]

@@ -28,9 +28,14 @@ pub const MAX_PENDING: usize = 4 << 20;
 struct Batcher {
     pending: Mutex<Vec<u8>>,
     wake: Condvar,
-    /// Held while taking and writing a batch, so that batches reach stdout in the order taken.
-    out: Mutex<Box<dyn Write + Send>>,
+    /// Held while taking and writing a batch, so that batches reach stdout in the order taken;
+    /// with the buffer last written, swapped for the pending one at the next batch so that
+    /// neither is reallocated as lines are appended.
+    out: Mutex<(Box<dyn Write + Send>, Vec<u8>)>,
 }
+
+/// The capacity a buffer keeps after it was written (a burst can grow it up to [`MAX_PENDING`]).
+const KEPT_CAPACITY: usize = 256 << 10;
 
 impl Batcher {
     fn append(&self, bytes: &[u8]) {
@@ -48,14 +53,20 @@ impl Batcher {
 
     /// Takes what is pending and writes it; returns whether there was anything.
     fn write_pending(&self) -> bool {
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        if batch.is_empty() {
-            return false;
+        let mut guard = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let (out, batch) = &mut *guard;
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.is_empty() {
+                return false;
+            }
+            std::mem::swap(&mut *pending, batch);
         }
         // Nowhere to report a failed write to stdout; the lines are dropped as `println!` would panic.
-        let _ = out.write_all(&batch);
+        let _ = out.write_all(batch);
         let _ = out.flush();
+        batch.clear();
+        batch.shrink_to(KEPT_CAPACITY);
         true
     }
 
@@ -78,7 +89,7 @@ fn batcher() -> &'static Batcher {
         let batcher: &'static Batcher = Box::leak(Box::new(Batcher {
             pending: Mutex::new(Vec::with_capacity(64 << 10)),
             wake: Condvar::new(),
-            out: Mutex::new(Box::new(std::io::stdout())),
+            out: Mutex::new((Box::new(std::io::stdout()), Vec::with_capacity(64 << 10))),
         }));
         let started = thread::Builder::new().name("stdout-lines".into()).spawn(move || batcher.run());
         if started.is_err() {
@@ -150,7 +161,7 @@ mod tests {
         let batcher: &'static Batcher = Box::leak(Box::new(Batcher {
             pending: Mutex::new(Vec::new()),
             wake: Condvar::new(),
-            out: Mutex::new(Box::new(out)),
+            out: Mutex::new((Box::new(out), Vec::new())),
         }));
         thread::spawn(move || batcher.run());
         batcher
@@ -198,7 +209,7 @@ mod tests {
         let batcher: &'static Batcher = Box::leak(Box::new(Batcher {
             pending: Mutex::new(Vec::new()),
             wake: Condvar::new(),
-            out: Mutex::new(Box::new(out.clone())),
+            out: Mutex::new((Box::new(out.clone()), Vec::new())),
         }));
         let line = vec![b'x'; 1 << 20];
         for _ in 0..5 {
