@@ -7,16 +7,19 @@ use sha2::Sha256;
 /// Masks a phone number, keeping the first four and last two characters:
 /// `+33612345678` → `+336XXXXXX78`, `33612345678` → `3361XXXXX78`. Short inputs are masked whole.
 pub fn mask_phone(raw: &str) -> String {
-    let chars: Vec<char> = raw.chars().collect();
-    if chars.len() <= 6 {
-        return "X".repeat(chars.len());
+    const KEEP_HEAD: usize = 4;
+    const KEEP_TAIL: usize = 2;
+    let count = raw.chars().count();
+    if count <= 6 {
+        return "X".repeat(count);
     }
-    let keep_head = 4;
-    let keep_tail = 2;
-    let mut out = String::with_capacity(chars.len());
-    out.extend(&chars[..keep_head]);
-    out.extend(std::iter::repeat_n('X', chars.len() - keep_head - keep_tail));
-    out.extend(&chars[chars.len() - keep_tail..]);
+    // Byte offsets of the kept head and tail (any characters, not only ASCII digits).
+    let head_end = raw.char_indices().nth(KEEP_HEAD).map_or(raw.len(), |(i, _)| i);
+    let tail_start = raw.char_indices().nth(count - KEEP_TAIL).map_or(raw.len(), |(i, _)| i);
+    let mut out = String::with_capacity(raw.len());
+    out.push_str(&raw[..head_end]);
+    out.extend(std::iter::repeat_n('X', count - KEEP_HEAD - KEEP_TAIL));
+    out.push_str(&raw[tail_start..]);
     out
 }
 
@@ -66,6 +69,10 @@ mod tests {
         assert_eq!(mask_phone("+33612345678"), "+336XXXXXX78");
         assert_eq!(mask_phone("15559876543"), "1555XXXXX43");
         assert_eq!(mask_phone("123"), "XXX");
+        assert_eq!(mask_phone("1234567"), "1234X67");
+        assert_eq!(mask_phone(""), "");
+        // Not only ASCII: characters are kept or masked whole.
+        assert_eq!(mask_phone("٣٣٦١٢٣٤٥٦٧٨"), "٣٣٦١XXXXX٧٨");
     }
 
     #[test]

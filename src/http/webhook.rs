@@ -204,8 +204,11 @@ pub(crate) async fn accept_notification(state: &HttpState, req: &Request, body: 
                     }
                 }
             }
-            metrics::counter!(WEBHOOK_EVENTS_TOTAL, "kind" => "message").increment(messages);
-            metrics::counter!(WEBHOOK_EVENTS_TOTAL, "kind" => "status").increment(statuses);
+            for (kind, count) in [("message", messages), ("status", statuses)] {
+                if count > 0 {
+                    metrics::counter!(WEBHOOK_EVENTS_TOTAL, "kind" => kind).increment(count);
+                }
+            }
             ok()
         }
         Err(e) => {

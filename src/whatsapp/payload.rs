@@ -95,9 +95,10 @@ pub fn parse_webhook(body: &[u8], received_at: DateTime<Utc>) -> Result<ParsedWe
             continue;
         };
         for (c, change) in changes.into_iter().enumerate() {
-            let here = format!("entry[{e}].changes[{c}]");
+            // Written only for an item that is skipped.
+            let here = ChangeAt(e, c);
             let Some(change) = change.0 else {
-                parsed.skip(here, "not an object");
+                parsed.skip(here.to_string(), "not an object");
                 continue;
             };
             if change.field.0.as_deref() != Some("messages") {
@@ -108,7 +109,7 @@ pub fn parse_webhook(body: &[u8], received_at: DateTime<Utc>) -> Result<ParsedWe
                 parsed.skip(format!("{here}.value"), "missing or not an object");
                 continue;
             };
-            parsed.change(&here, value, received_at);
+            parsed.change(here, value, received_at);
         }
     }
     Ok(parsed)
@@ -341,6 +342,16 @@ struct Nested<'a> {
     caption: Text<'a>,
 }
 
+/// Where a change is in the body: `entry[e].changes[c]`.
+#[derive(Clone, Copy)]
+struct ChangeAt(usize, usize);
+
+impl fmt::Display for ChangeAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "entry[{}].changes[{}]", self.0, self.1)
+    }
+}
+
 fn first_byte(raw: &RawValue) -> u8 {
     // A RawValue holds no leading whitespace.
     raw.get().as_bytes().first().copied().unwrap_or_default()
@@ -356,7 +367,7 @@ impl ParsedWebhook {
         self.skipped.push(SkippedItem { location, reason });
     }
 
-    fn change(&mut self, here: &str, value: ChangeValue<'_>, received_at: DateTime<Utc>) {
+    fn change(&mut self, here: ChangeAt, value: ChangeValue<'_>, received_at: DateTime<Utc>) {
         // A body without metadata (hand-written test bodies, like the checklist's curl examples)
         // yields an empty business number: the worker's channel resolution decides what it means.
         let phone_number_id = value.metadata.0.and_then(|m| m.phone_number_id.0).unwrap_or_default();

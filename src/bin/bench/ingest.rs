@@ -153,7 +153,7 @@ async fn measure(options: &IngestOptions, fixture: &Fixture) -> Result<Table, Be
     table.info("bare: latency at ¼ rate", Distribution::new(paced_bare.latencies()).summary());
     let per_request = |cpu: &CpuUse, runs: &[Run]| {
         let n = runs.iter().map(|r| r.outcomes.len()).sum::<usize>().max(1) as f64;
-        let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6 / n);
+        let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6 / n);
         let redis = if redis_pid.is_some() { us(cpu.redis) } else { "not measured".into() };
         format!("{} + Redis {redis} + load generator {}", us(cpu.server), us(cpu.generator))
     };
