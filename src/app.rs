@@ -127,7 +127,12 @@ impl App {
     }
 
     pub fn http_state(&self) -> HttpState {
-        let intake = DurableIntake::new(self.queue.clone(), Arc::new(PgSpool(self.store.clone())));
+        self.http_state_with(self.queue.clone())
+    }
+
+    /// The handlers' state, the webhook's events queued through `queue`.
+    fn http_state_with(&self, queue: Queue) -> HttpState {
+        let intake = DurableIntake::new(queue, Arc::new(PgSpool(self.store.clone())));
         HttpState {
             settings: self.settings.clone(),
             intake: Arc::new(intake),
@@ -312,32 +317,109 @@ impl Running {
     }
 }
 
+/// `count` listening sockets on `bind`, sharing its port (`SO_REUSEPORT`: the kernel spreads the
+/// connections over them); port 0 picks a free port for all of them.
+fn listen(bind: SocketAddr, count: usize) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+    let mut listeners: Vec<tokio::net::TcpListener> = Vec::with_capacity(count);
+    let mut at = bind;
+    for _ in 0..count {
+        let socket = if at.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+        socket.set_reuseaddr(true)?;
+        #[cfg(unix)]
+        if count > 1 {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(at).with_context(|| format!("cannot listen on {at}"))?;
+        let listener = socket.listen(1024).with_context(|| format!("cannot listen on {at}"))?;
+        at = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Serves `routes` on `listener` until `stop`, then lets the requests in progress finish (10 s).
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    routes: poem::endpoint::BoxEndpoint<'static>,
+    stop: CancellationToken,
+) {
+    let acceptor = match TcpAcceptor::from_tokio(listener) {
+        Ok(acceptor) => acceptor,
+        Err(e) => {
+            tracing::error!(error = %e, "the HTTP server cannot accept connections");
+            return;
+        }
+    };
+    let server = Server::new_with_acceptor(acceptor);
+    if let Err(e) = server
+        .run_with_graceful_shutdown(routes, async move { stop.cancelled().await }, Some(Duration::from_secs(10)))
+        .await
+    {
+        tracing::error!(error = %e, "the HTTP server stopped");
+    }
+}
+
+/// An HTTP server on a thread of its own, with a single-threaded runtime and a Redis connection
+/// of its own for the webhook's XADDs: its requests, their batch and its reply never wake another
+/// thread, which on two cores cost the webhook ~12 % of its CPU (BENCHMARKS.md). The rest of the
+/// state (PostgreSQL pool, caches, events) is shared with the process's runtime. The task
+/// returned ends when the thread has served its last request.
+fn http_thread(
+    index: usize,
+    listener: tokio::net::TcpListener,
+    app: &App,
+    stop: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
+    let listener = listener.into_std()?;
+    let conn = kv::connect_lazy(&app.settings.redis_url).context("invalid REDIS_URL")?;
+    let state = app.http_state_with(app.queue.on_connection(conn));
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new().name(format!("http-{index}")).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start an HTTP thread's runtime");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => serve_http(listener, http::routes(state), stop).await,
+                Err(e) => tracing::error!(error = %e, "the HTTP server cannot accept connections"),
+            }
+        });
+        drop(runtime);
+        let _ = done.send(());
+    })?;
+    Ok(tokio::spawn(async move {
+        let _ = finished.await;
+    }))
+}
+
 /// Starts the roles of `role`. The HTTP API listens on `bind` (port 0 picks a free port).
 pub async fn start(app: App, role: Role, bind: SocketAddr, worker_id: String) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
     let mut addr = None;
     if role.http() {
-        let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;
-        let local = listener.local_addr()?;
+        let threads = match app.settings.http_threads {
+            Some(n) => n,
+            None if role == Role::Api => std::thread::available_parallelism().map_or(1, usize::from),
+            None => 0,
+        };
+        let listeners = listen(bind, threads.max(1))?;
+        let local = listeners[0].local_addr()?;
         addr = Some(local);
-        let acceptor = TcpAcceptor::from_tokio(listener)?;
-        let routes = http::routes(app.http_state());
-        let stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            let server = Server::new_with_acceptor(acceptor);
-            if let Err(e) = server
-                .run_with_graceful_shutdown(
-                    routes,
-                    async move { stop.cancelled().await },
-                    Some(Duration::from_secs(10)),
-                )
-                .await
-            {
-                tracing::error!(error = %e, "the HTTP server stopped");
+        if threads == 0 {
+            let listener = listeners.into_iter().next().context("no listener")?;
+            let routes = http::routes(app.http_state());
+            tasks.push(tokio::spawn(serve_http(listener, routes, shutdown.clone())));
+        } else {
+            for (i, listener) in listeners.into_iter().enumerate() {
+                tasks.push(http_thread(i, listener, &app, shutdown.clone())?);
             }
-        }));
-        tracing::info!(%local, "listening");
+        }
+        tracing::info!(%local, threads, "listening");
     }
     if role.workers() {
         let worker = app.worker(worker_id.clone());

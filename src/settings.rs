@@ -128,6 +128,10 @@ pub struct Settings {
     pub rate_limit_max: u32,
     pub rate_limit_window: Duration,
 
+    /// Threads of the HTTP server, each with a runtime and a Redis connection of its own, sharing
+    /// the port (`SO_REUSEPORT`); 0: the server runs on the process's runtime. `None` (`auto`):
+    /// one per CPU in `parley api`, 0 in `parley serve`, whose workers use that runtime.
+    pub http_threads: Option<usize>,
     /// Jobs in flight per worker process.
     pub worker_concurrency: usize,
     /// Number of queue shards (streams). Changing it on a running system moves conversations
@@ -346,6 +350,19 @@ impl Settings {
         let rate_limit_max = r.parse::<u32>("RATE_LIMIT_MAX", Some("100"), "a whole number of requests");
         let rate_limit_window = r.duration("RATE_LIMIT_WINDOW", "1m");
 
+        let http_threads = match r.get("HTTP_THREADS") {
+            None => None,
+            Some(raw) if raw.eq_ignore_ascii_case("auto") => None,
+            Some(raw) => match raw.parse::<usize>() {
+                Ok(n) if n <= 64 => Some(n),
+                _ => {
+                    r.problem(format!(
+                        "HTTP_THREADS: expected `auto` or a whole number of threads (0-64), got `{raw}`"
+                    ));
+                    None
+                }
+            },
+        };
         let worker_concurrency =
             r.parse::<usize>("WORKER_CONCURRENCY", Some("64"), "a whole number of jobs (at least 1)");
         if worker_concurrency == Some(0) {
@@ -431,6 +448,7 @@ impl Settings {
             enable_helmet,
             rate_limit_max: rate_limit_max.ok_or_else(missing)?,
             rate_limit_window: rate_limit_window.ok_or_else(missing)?,
+            http_threads,
             worker_concurrency: worker_concurrency.ok_or_else(missing)?,
             queue_shards: queue_shards.ok_or_else(missing)?,
             queue_prefix,
@@ -607,6 +625,23 @@ mod tests {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
         assert!(!text.contains("hunter2") && !text.contains("short-but-secret"), "{text}");
+    }
+
+    #[test]
+    fn http_threads_are_auto_unless_a_count_is_given() {
+        assert_eq!(Settings::from_vars(BTreeMap::new()).unwrap().http_threads, None);
+        assert_eq!(Settings::from_vars(vars(&[("HTTP_THREADS", "auto")])).unwrap().http_threads, None);
+        assert_eq!(Settings::from_vars(vars(&[("HTTP_THREADS", "0")])).unwrap().http_threads, Some(0));
+        assert_eq!(Settings::from_vars(vars(&[("HTTP_THREADS", "4")])).unwrap().http_threads, Some(4));
+        for bad in ["-1", "two", "65"] {
+            let err = Settings::from_vars(vars(&[("HTTP_THREADS", bad)])).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!(
+                    "HTTP_THREADS: expected `auto` or a whole number of threads (0-64), got `{bad}`"
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]

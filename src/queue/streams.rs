@@ -266,6 +266,12 @@ impl Queue {
         Ok(self)
     }
 
+    /// This queue sending its commands on `conn` instead, with a batcher of its own: for a
+    /// runtime that should not wake another one's tasks for each command (the HTTP threads).
+    pub fn on_connection(&self, conn: ConnectionManager) -> Self {
+        Self { conn, adds: Arc::default(), ..self.clone() }
+    }
+
     pub fn with_op_timeout(mut self, op_timeout: Duration) -> Self {
         self.op_timeout = op_timeout;
         self

@@ -559,7 +559,11 @@ impl TestApp {
         let env = Environment::new(&options).await;
         let events = Captured::default();
         let sink = Arc::new(JsonLinesSink::new(Box::new(events.clone()), Level::Debug));
-        let app = App::build(env.settings(), sink).await.expect("build the app");
+        // The HTTP server on threads of its own (`parley api`'s default), so that the scenarios run
+        // through them too; the `serve` processes of the other tests use the process's runtime.
+        let mut settings = env.settings();
+        settings.http_threads = Some(2);
+        let app = App::build(settings, sink).await.expect("build the app");
         let running = app::start(app.clone(), Role::Serve, "127.0.0.1:0".parse().unwrap(), format!("w-{}", env.prefix))
             .await
             .expect("start the app");
