@@ -317,6 +317,29 @@ impl Running {
     }
 }
 
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// The HTTP server threads of `role` (see `HTTP_THREADS` in docs/operations.md): `auto` is one per
+/// CPU in `parley api`, one in `parley serve` when there is more than one CPU, none otherwise.
+pub fn http_threads(settings: &Settings, role: Role) -> usize {
+    match (settings.http_threads, role) {
+        (_, Role::Worker) => 0,
+        (Some(n), _) => n,
+        (None, Role::Api) => cpus(),
+        (None, Role::Serve) => usize::from(cpus() > 1),
+    }
+}
+
+/// The threads of the process's runtime when `TOKIO_WORKER_THREADS` does not set them: the CPUs
+/// the HTTP threads leave (at least one). `parley serve` on two CPUs thus runs its webhook on one
+/// thread and its workers on the other, which measured less CPU per message and more messages per
+/// second than both on a two-thread runtime (BENCHMARKS.md).
+pub fn runtime_threads(settings: &Settings, role: Role) -> usize {
+    cpus().saturating_sub(http_threads(settings, role)).max(1)
+}
+
 /// `count` listening sockets on `bind`, sharing its port (`SO_REUSEPORT`: the kernel spreads the
 /// connections over them); port 0 picks a free port for all of them.
 fn listen(bind: SocketAddr, count: usize) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
@@ -402,11 +425,7 @@ pub async fn start(app: App, role: Role, bind: SocketAddr, worker_id: String) ->
     let mut tasks = Vec::new();
     let mut addr = None;
     if role.http() {
-        let threads = match app.settings.http_threads {
-            Some(n) => n,
-            None if role == Role::Api => std::thread::available_parallelism().map_or(1, usize::from),
-            None => 0,
-        };
+        let threads = http_threads(&app.settings, role);
         let listeners = listen(bind, threads.max(1))?;
         let local = listeners[0].local_addr()?;
         addr = Some(local);
