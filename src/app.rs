@@ -342,11 +342,22 @@ pub fn runtime_threads(settings: &Settings, role: Role) -> usize {
 
 /// `count` listening sockets on `bind`, sharing its port (`SO_REUSEPORT`: the kernel spreads the
 /// connections over them); port 0 picks a free port for all of them.
+///
+/// A port already in use fails as it did with one socket, even when its holder is another Parley
+/// with sockets of its own on it: the port is first bound without `SO_REUSEPORT`, which any
+/// listening socket refuses, so that two processes never silently share one port.
 fn listen(bind: SocketAddr, count: usize) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+    let new_socket =
+        |at: SocketAddr| if at.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+    if count > 1 && bind.port() != 0 {
+        let probe = new_socket(bind)?;
+        probe.set_reuseaddr(true)?;
+        probe.bind(bind).with_context(|| format!("cannot listen on {bind}"))?;
+    }
     let mut listeners: Vec<tokio::net::TcpListener> = Vec::with_capacity(count);
     let mut at = bind;
     for _ in 0..count {
-        let socket = if at.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+        let socket = new_socket(at)?;
         socket.set_reuseaddr(true)?;
         #[cfg(unix)]
         if count > 1 {
@@ -487,5 +498,37 @@ pub async fn termination() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn http_threads_share_a_port_that_no_other_process_can_join() {
+        let group = listen("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let port = group[0].local_addr().unwrap().port();
+        assert!(group.iter().all(|l| l.local_addr().unwrap().port() == port), "one port for all");
+
+        // A second group (another process) on the same port is refused, as one socket would be.
+        let at: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let err = listen(at, 2).unwrap_err();
+        assert!(format!("{err:#}").contains(&format!("cannot listen on {at}")), "{err:#}");
+        assert!(listen(at, 1).is_err());
+
+        // Every socket of the group accepts connections.
+        drop(group);
+        let group = listen(at, 2).unwrap();
+        let mut accepted = [0usize; 2];
+        for _ in 0..64 {
+            let _client = tokio::net::TcpStream::connect(at).await.unwrap();
+            let (a, b) = (&group[0], &group[1]);
+            tokio::select! {
+                r = a.accept() => { r.unwrap(); accepted[0] += 1; }
+                r = b.accept() => { r.unwrap(); accepted[1] += 1; }
+            }
+        }
+        assert!(accepted.iter().all(|&n| n > 0), "the kernel spreads connections over the sockets: {accepted:?}");
     }
 }
