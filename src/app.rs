@@ -322,20 +322,24 @@ fn cpus() -> usize {
 }
 
 /// The HTTP server threads of `role` (see `HTTP_THREADS` in docs/operations.md): `auto` is one per
-/// CPU in `parley api`, one in `parley serve` when there is more than one CPU, none otherwise.
+/// CPU in `parley api`, none in `parley serve` (its HTTP server shares the workers' runtime).
 pub fn http_threads(settings: &Settings, role: Role) -> usize {
     match (settings.http_threads, role) {
         (_, Role::Worker) => 0,
         (Some(n), _) => n,
         (None, Role::Api) => cpus(),
-        (None, Role::Serve) => usize::from(cpus() > 1),
+        (None, Role::Serve) => 0,
     }
 }
 
 /// The threads of the process's runtime when `TOKIO_WORKER_THREADS` does not set them: the CPUs
-/// the HTTP threads leave (at least one). `parley serve` on two CPUs thus runs its webhook on one
-/// thread and its workers on the other, which measured less CPU per message and more messages per
-/// second than both on a two-thread runtime (BENCHMARKS.md).
+/// the HTTP threads leave, at least one — all of them for the workers of `parley serve` and
+/// `parley worker`, one beside `parley api`'s HTTP threads.
+///
+/// `parley serve` with one HTTP thread and a one-thread runtime (`HTTP_THREADS=1
+/// TOKIO_WORKER_THREADS=1`) measured ~10 % less CPU per message on two CPUs, but a fatter tail: when
+/// the VM's host paused the one thread that runs every job, all of them waited (paced p99 added
+/// latency up to 150-450 ms in some runs, 8-9 ms with two threads), so it is not the default.
 pub fn runtime_threads(settings: &Settings, role: Role) -> usize {
     cpus().saturating_sub(http_threads(settings, role)).max(1)
 }
