@@ -83,6 +83,11 @@ return n
     )
 });
 
+/// `{prefix}:inbound:{shard}`: the one place a shard stream's key is written.
+fn stream_key_of(prefix: &str, shard: u32) -> String {
+    format!("{prefix}:inbound:{shard}")
+}
+
 /// The XADDs of one [`Queue::enqueue`] call (stream key, event JSON), waiting to be sent.
 struct PendingAdds {
     adds: Vec<(Arc<str>, String)>,
@@ -249,7 +254,7 @@ impl Queue {
             conn,
             adds: Arc::default(),
             readers: None,
-            stream_keys: (0..shards).map(|shard| Arc::from(format!("{prefix}:inbound:{shard}"))).collect(),
+            stream_keys: (0..shards).map(|shard| Arc::from(stream_key_of(&prefix, shard))).collect(),
             prefix,
             shards,
             op_timeout: DEFAULT_OP_TIMEOUT,
@@ -296,14 +301,14 @@ impl Queue {
 
     /// `{prefix}:inbound:{shard}`.
     pub fn stream_key(&self, shard: u32) -> String {
-        format!("{}:inbound:{shard}", self.prefix)
+        stream_key_of(&self.prefix, shard)
     }
 
     /// [`Queue::stream_key`] of a shard of this queue, shared.
     fn shared_stream_key(&self, shard: u32) -> Arc<str> {
         match self.stream_keys.get(shard as usize) {
             Some(key) => Arc::clone(key),
-            None => Arc::from(self.stream_key(shard)),
+            None => Arc::from(stream_key_of(&self.prefix, shard)),
         }
     }
 
