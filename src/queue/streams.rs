@@ -142,8 +142,7 @@ impl AddBatcher {
                 let calls = std::mem::take(&mut batch);
                 let mut conn = conn.clone();
                 tokio::spawn(async move {
-                    let result: Result<Vec<String>, QueueError> =
-                        bounded("XADD", timeout, pipe.query_async(&mut conn)).await.map_err(QueueError::from);
+                    let result = xadd_reconnecting(&pipe, &mut conn, timeout).await.map_err(QueueError::from);
                     let mut ids = match result {
                         Ok(ids) => ids.into_iter(),
                         Err(e) => {
@@ -172,6 +171,28 @@ impl AddBatcher {
         // The batch's query is bounded by this call's timeout (see above); a batch task that
         // ended without answering dropped the sender.
         answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+/// Sends the XADD pipeline, within `timeout` in all. A connection that Redis closed (a restart, a
+/// failover) fails the first command sent on it and reconnects: that command is sent once more,
+/// on the new connection, so that intake stays on the streams instead of spooling to PostgreSQL
+/// once per connection after every Redis restart. If the closed connection had delivered the
+/// pipeline before it broke, its events are in the stream twice; the worker's dedupe on
+/// (channel, message id) processes them once (as for a batch spooled after a partial add).
+async fn xadd_reconnecting(
+    pipe: &redis::Pipeline,
+    conn: &mut ConnectionManager,
+    timeout: Duration,
+) -> Result<Vec<String>, RedisError> {
+    let started = tokio::time::Instant::now();
+    match bounded_raw("XADD", timeout, pipe.query_async(conn)).await? {
+        Ok(ids) => Ok(ids),
+        Err(e) if e.is_unrecoverable_error() => {
+            let left = timeout.saturating_sub(started.elapsed());
+            bounded("XADD", left, pipe.query_async(conn)).await
+        }
+        Err(e) => Err(failed("XADD", &e)),
     }
 }
 
@@ -724,7 +745,10 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::{
-        kv::tests::{SHARED_REDIS, delete_prefix, shared_redis, test_prefix},
+        kv::{
+            connect_lazy,
+            tests::{OwnRedis, SHARED_REDIS, delete_prefix, shared_redis, test_prefix},
+        },
         queue::{InboundMessageEvent, QueuedEvent},
     };
 
@@ -758,6 +782,23 @@ pub(crate) mod tests {
             cmd.arg(*k).arg(*v);
         }
         let _: String = cmd.query_async(&mut queue.connection().clone()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_enqueue_after_a_redis_restart_goes_through_on_a_new_connection() {
+        let mut redis = OwnRedis::start().await;
+        let queue = Queue::new(connect_lazy(&redis.url()).unwrap(), "parley", 1);
+        queue.enqueue(&[message("33612345678", "wamid.before", "hi")]).await.unwrap();
+
+        // Redis restarts while the connection is idle: the connection held is now closed.
+        redis.stop().await;
+        redis.restart().await;
+        let jobs = queue.enqueue(&[message("33612345678", "wamid.after", "hi")]).await;
+
+        let jobs = jobs.expect("the first enqueue after the restart must reconnect, not fail");
+        assert_eq!(jobs[0].durable_in, "redis");
+        assert_eq!(queue.backlog().await.unwrap(), 1, "the restarted Redis holds the new entry, once");
+        redis.stop().await;
     }
 
     #[tokio::test]
