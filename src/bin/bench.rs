@@ -17,6 +17,8 @@ mod end_to_end;
 mod fake_providers;
 #[path = "bench/fixture.rs"]
 mod fixture;
+#[path = "bench/floor.rs"]
+mod floor;
 #[path = "bench/http_load.rs"]
 mod http_load;
 #[path = "bench/ingest.rs"]
@@ -75,6 +77,18 @@ enum Scenario {
     },
     /// The knowledge search on a large knowledge base: top-5 latency and recall against an exact search.
     Retrieval(RetrievalArgs),
+    /// The least CPU each exchange of a message costs (PostgreSQL statement, Redis call, HTTP call, HTTP request served) and the floor they put under the CPU per message.
+    Floor {
+        /// Exchanges of each kind per measurement.
+        #[arg(long, default_value_t = 20_000)]
+        exchanges: usize,
+        /// Exchanges in flight in the "at once" measurement (the e2e burst's jobs in flight).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Keep the processes' logs (printed path) instead of deleting them.
+        #[arg(long)]
+        keep_logs: bool,
+    },
     /// The three scenarios, one after the other.
     All {
         #[command(flatten)]
@@ -86,7 +100,11 @@ enum Scenario {
     },
     /// The reference server of `ingest` (started by it).
     #[command(hide = true)]
-    BareServer,
+    BareServer {
+        /// Serve on a single-threaded runtime instead of poem's default multi-threaded one.
+        #[arg(long)]
+        current_thread: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -191,8 +209,8 @@ pub enum BenchError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Scenario::BareServer = cli.scenario {
-        return bare_server::run();
+    if let Scenario::BareServer { current_thread } = cli.scenario {
+        return bare_server::run(current_thread);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -238,6 +256,10 @@ async fn run(scenario: Scenario) -> Result<(), BenchError> {
             })
             .await?;
         }
+        Scenario::Floor { exchanges, concurrency, keep_logs } => {
+            print_load("floor");
+            floor::run(&floor::FloorOptions { exchanges, concurrency, keep_logs }).await?.print();
+        }
         Scenario::All { ingest, load, common } => {
             print_load("ingest");
             ingest::run(&ingest_options(&ingest, &common)?).await?.print();
@@ -248,7 +270,7 @@ async fn run(scenario: Scenario) -> Result<(), BenchError> {
             print_load("memory");
             memory::run(&options).await?.print();
         }
-        Scenario::BareServer => {}
+        Scenario::BareServer { .. } => {}
     }
     print_load("the end");
     Ok(())

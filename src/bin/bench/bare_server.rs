@@ -1,7 +1,8 @@
 //! The reference the webhook is measured against: a poem server that reads each request's body and
 //! answers 200 with Parley's body, nothing else. The benchmark starts it as a process of its own
-//! (`parley-bench bare-server`), on the same multi-threaded runtime as `parley api`, so that both
-//! servers are set up alike; it prints its address on its first line of output.
+//! (`parley-bench bare-server`), on poem's default multi-threaded runtime; it prints its address on
+//! its first line of output. `--current-thread` serves on a single-threaded runtime instead (the
+//! cheapest layout, for the `floor` scenario).
 
 use std::{io::Write, process::ExitCode};
 
@@ -10,8 +11,13 @@ use poem::{
     listener::{Acceptor, Listener, TcpListener},
 };
 
-pub fn run() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+pub fn run(current_thread: bool) -> ExitCode {
+    let mut builder = if current_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bare-server: cannot start the runtime: {e}");

@@ -61,7 +61,7 @@ fn requests(target: std::net::SocketAddr, secret: &SecretString, tag: &str, n: u
 }
 
 async fn measure(options: &IngestOptions, fixture: &Fixture) -> Result<Table, BenchError> {
-    let (bare, bare_addr) = Spawned::bare_server(&fixture.logs).await?;
+    let (bare, bare_addr) = Spawned::bare_server(&fixture.logs, &[]).await?;
     let port = fixture::free_port()?;
     let mut env = fixture.parley_env(fixture.database_url(None)?, port);
     env.extend(options.parley_env.iter().cloned());

@@ -75,14 +75,15 @@ impl Spawned {
         Ok(Self { name: name.into(), pid: child.id(), child, log })
     }
 
-    /// Starts this benchmark's own `bare-server` and reads the address it prints.
-    pub async fn bare_server(logs: &Path) -> Result<(Self, SocketAddr), ProcessError> {
+    /// Starts this benchmark's own `bare-server` (with `args`) and reads the address it prints.
+    pub async fn bare_server(logs: &Path, args: &[&str]) -> Result<(Self, SocketAddr), ProcessError> {
         let name = "bare-server";
         let exe = std::env::current_exe().map_err(|source| ProcessError::Spawn { what: name.into(), source })?;
         let log = logs.join(format!("{name}.log"));
         let err = File::create(&log).map_err(|source| ProcessError::Spawn { what: name.into(), source })?;
         let mut child = Command::new(exe)
             .arg(name)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(err)
             .stdin(Stdio::null())
