@@ -89,7 +89,7 @@ enum Scenario {
         #[arg(long)]
         keep_logs: bool,
     },
-    /// The three scenarios, one after the other.
+    /// Ingest, floor, e2e (with its CPU against the floor) and memory, one after the other.
     All {
         #[command(flatten)]
         ingest: IngestArgs,
@@ -258,15 +258,24 @@ async fn run(scenario: Scenario) -> Result<(), BenchError> {
         }
         Scenario::Floor { exchanges, concurrency, keep_logs } => {
             print_load("floor");
-            floor::run(&floor::FloorOptions { exchanges, concurrency, keep_logs }).await?.print();
+            floor::run(&floor::FloorOptions { exchanges, concurrency, keep_logs }).await?.0.print();
         }
         Scenario::All { ingest, load, common } => {
             print_load("ingest");
             ingest::run(&ingest_options(&ingest, &common)?).await?.print();
             let options = e2e_options(&load, &common)?;
+            print_load("floor");
+            let (floor_table, floor) = floor::run(&floor::FloorOptions {
+                exchanges: 20_000,
+                concurrency: common.connections,
+                keep_logs: common.keep_logs,
+            })
+            .await?;
+            floor_table.print();
             print_load("e2e");
             let outcome = end_to_end::run(&options, end_to_end::Topology::Serve).await?;
             end_to_end::table(&outcome).print();
+            floor.compare(outcome.cpu_per_message(0, true), outcome.cpu_per_message(1, true)).print();
             print_load("memory");
             memory::run(&options).await?.print();
         }

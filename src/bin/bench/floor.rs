@@ -57,14 +57,44 @@ struct Cost {
     at_once: Duration,
 }
 
-pub async fn run(options: &FloorOptions) -> Result<Table, BenchError> {
+/// The floor of one message: its exchanges' CPU, one at a time and at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Floor {
+    pub one_at_a_time: Duration,
+    pub at_once: Duration,
+}
+
+impl Floor {
+    /// How Parley's measured CPU per message in the e2e phases compares with the floor: the burst
+    /// and paced phases' figures (net of idle) over the one-at-a-time floor, the regime of the e2e
+    /// scenario (see BENCHMARKS.md, session 5).
+    pub fn compare(&self, burst: Duration, paced: Duration) -> Table {
+        let mut table = Table::new("Parley's CPU per message against the floor of its exchanges (same run)");
+        let ratio = |d: Duration| d.as_secs_f64() / self.one_at_a_time.as_secs_f64().max(1e-9);
+        table.info(
+            "floor per message, one at a time · at once",
+            format!("{} · {}", ms(self.one_at_a_time), ms(self.at_once)),
+        );
+        table.info(
+            "e2e burst: Parley CPU per message (net) · ÷ the one-at-a-time floor",
+            format!("{} · {:.2}", ms(burst), ratio(burst)),
+        );
+        table.info(
+            "e2e paced: Parley CPU per message (net) · ÷ the one-at-a-time floor",
+            format!("{} · {:.2}", ms(paced), ratio(paced)),
+        );
+        table
+    }
+}
+
+pub async fn run(options: &FloorOptions) -> Result<(Table, Floor), BenchError> {
     let fixture = Fixture::create(0).await?;
     let result = measure(options, &fixture).await;
     fixture.cleanup(options.keep_logs).await;
     result
 }
 
-async fn measure(options: &FloorOptions, fixture: &Fixture) -> Result<Table, BenchError> {
+async fn measure(options: &FloorOptions, fixture: &Fixture) -> Result<(Table, Floor), BenchError> {
     let n = options.exchanges.max(options.concurrency);
     let c = options.concurrency.max(1);
     let url = fixture.database_url(None)?;
@@ -144,7 +174,7 @@ async fn measure(options: &FloorOptions, fixture: &Fixture) -> Result<Table, Ben
         "A floor: Parley's own work around the exchanges (JSON, the pipeline, events, timers) comes on top; \
          `parley serve`'s measured CPU per message is in the e2e table.",
     );
-    Ok(table)
+    Ok((table, Floor { one_at_a_time: floor_paced, at_once: floor_burst }))
 }
 
 /// CPU of this process per `SELECT $1::int8 + 1` over `concurrency` connections, each held for
