@@ -69,6 +69,28 @@ pub(crate) async fn bounded_raw<T>(
     tokio::time::timeout(timeout, call).await.map_err(|_| RedisError::Timeout { op, after: timeout })
 }
 
+/// Like [`bounded`], for a call that may safely reach Redis twice: a connection that Redis closed
+/// (a restart, a failover) fails the first command sent on it and reconnects in the background,
+/// so a call failing that way is made once more, on the new connection, within `timeout` in all.
+/// Without it, each connection would fail one call after every Redis restart (a webhook spooling
+/// to PostgreSQL, a stage failing open). `call` makes the call afresh each time. Only for calls
+/// whose repetition is harmless: the first may have reached Redis before the connection broke.
+pub(crate) async fn bounded_reconnecting<T, F, Fut>(
+    op: &'static str,
+    timeout: Duration,
+    mut call: F,
+) -> Result<T, RedisError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = RedisResult<T>>,
+{
+    let started = tokio::time::Instant::now();
+    match bounded_raw(op, timeout, call()).await? {
+        Err(e) if e.is_unrecoverable_error() => bounded(op, timeout.saturating_sub(started.elapsed()), call()).await,
+        result => result.map_err(|e| failed(op, &e)),
+    }
+}
+
 /// The [`RedisError`] of a failed call.
 pub(crate) fn failed(op: &'static str, e: &redis::RedisError) -> RedisError {
     RedisError::Failed { op, message: e.to_string() }
@@ -235,11 +257,15 @@ fn millis(d: Duration) -> u64 {
 #[async_trait]
 impl KeyValueStore for RedisKv {
     async fn claim(&self, key: &str, value: &str, ttl: Duration) -> Result<Claim, PortError> {
-        let mut conn = self.conn.clone();
         let mut invocation = CLAIM.key(key);
         invocation.arg(value).arg(millis(ttl));
-        let (acquired, held): (i64, String) =
-            bounded("claim", self.timeout, invocation.invoke_async(&mut conn)).await?;
+        // Twice is harmless: a claim already taken by this very value answers `HeldBy(value)`,
+        // which the dedupe stage reads as its own.
+        let (acquired, held): (i64, String) = bounded_reconnecting("claim", self.timeout, || {
+            let (invocation, mut conn) = (&invocation, self.conn.clone());
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await?;
         Ok(if acquired == 1 { Claim::Acquired } else { Claim::HeldBy(held) })
     }
 
@@ -247,7 +273,6 @@ impl KeyValueStore for RedisKv {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn.clone();
         let mut invocation = HIT_WINDOWS.prepare_invoke();
         invocation.arg(keys.len());
         for w in keys {
@@ -256,7 +281,13 @@ impl KeyValueStore for RedisKv {
         if let Some(once) = once {
             invocation.key(&once.key).arg(millis(once.ttl));
         }
-        let flat: Vec<i64> = bounded("hit_windows", self.timeout, invocation.invoke_async(&mut conn)).await?;
+        // Twice counts once with `once` (the rate limit's way); without it, a count the broken
+        // connection had delivered would be counted again: a limit stricter by one, once.
+        let flat: Vec<i64> = bounded_reconnecting("hit_windows", self.timeout, || {
+            let (invocation, mut conn) = (&invocation, self.conn.clone());
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await?;
         if flat.len() != keys.len() * 2 {
             return Err(PortError::unavailable(
                 "redis",
@@ -534,6 +565,26 @@ pub(crate) mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(recovered, Some(Claim::Acquired), "the same RedisKv works again once Redis is back");
+        redis.stop().await;
+    }
+
+    #[tokio::test]
+    async fn the_first_calls_after_a_redis_restart_go_through_on_a_new_connection() {
+        let mut redis = OwnRedis::start().await;
+        let kv = RedisKv::new(connect(&redis.url()).await.unwrap(), DEFAULT_KV_TIMEOUT);
+        assert_eq!(kv.claim("before", "job-1", Duration::from_secs(60)).await.unwrap(), Claim::Acquired);
+
+        // Redis restarts while the connection is idle: the connection held is now closed.
+        redis.stop().await;
+        redis.restart().await;
+
+        let claim = kv.claim("after", "job-1", Duration::from_secs(60)).await;
+        assert_eq!(claim.unwrap(), Claim::Acquired, "the first claim after the restart must reconnect, not fail");
+        redis.stop().await;
+        redis.restart().await;
+        let windows = [WindowKey { key: "window".into(), window: Duration::from_secs(30) }];
+        let counted = kv.hit_windows(&windows, None).await;
+        assert_eq!(counted.unwrap()[0].count, 1, "so must the first rate-limit count");
         redis.stop().await;
     }
 

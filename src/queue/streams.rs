@@ -29,7 +29,7 @@ use redis::{
 use secrecy::SecretString;
 
 use super::event::{AcceptedJob, QueuedEvent};
-use crate::kv::{RedisError, bounded, bounded_raw, connect_lazy, failed};
+use crate::kv::{RedisError, bounded, bounded_raw, bounded_reconnecting, connect_lazy, failed};
 
 /// The key prefix used unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "parley";
@@ -140,9 +140,18 @@ impl AddBatcher {
                 // Sent in the background, so that the next batch forms while this one is in flight
                 // (the connection keeps the commands in the order sent).
                 let calls = std::mem::take(&mut batch);
-                let mut conn = conn.clone();
+                let conn = conn.clone();
                 tokio::spawn(async move {
-                    let result = xadd_reconnecting(&pipe, &mut conn, timeout).await.map_err(QueueError::from);
+                    // Sent once more if Redis had closed the connection (a restart), so that
+                    // intake stays on the streams instead of spooling once per connection. Twice
+                    // is harmless: an event added twice is processed once (the worker's dedupe
+                    // on the channel and message id), as for a batch spooled after a partial add.
+                    let result: Result<Vec<String>, QueueError> = bounded_reconnecting("XADD", timeout, || {
+                        let (pipe, mut conn) = (&pipe, conn.clone());
+                        async move { pipe.query_async(&mut conn).await }
+                    })
+                    .await
+                    .map_err(QueueError::from);
                     let mut ids = match result {
                         Ok(ids) => ids.into_iter(),
                         Err(e) => {
@@ -171,28 +180,6 @@ impl AddBatcher {
         // The batch's query is bounded by this call's timeout (see above); a batch task that
         // ended without answering dropped the sender.
         answer.await.unwrap_or_else(|_| Err(stopped()))
-    }
-}
-
-/// Sends the XADD pipeline, within `timeout` in all. A connection that Redis closed (a restart, a
-/// failover) fails the first command sent on it and reconnects: that command is sent once more,
-/// on the new connection, so that intake stays on the streams instead of spooling to PostgreSQL
-/// once per connection after every Redis restart. If the closed connection had delivered the
-/// pipeline before it broke, its events are in the stream twice; the worker's dedupe on
-/// (channel, message id) processes them once (as for a batch spooled after a partial add).
-async fn xadd_reconnecting(
-    pipe: &redis::Pipeline,
-    conn: &mut ConnectionManager,
-    timeout: Duration,
-) -> Result<Vec<String>, RedisError> {
-    let started = tokio::time::Instant::now();
-    match bounded_raw("XADD", timeout, pipe.query_async(conn)).await? {
-        Ok(ids) => Ok(ids),
-        Err(e) if e.is_unrecoverable_error() => {
-            let left = timeout.saturating_sub(started.elapsed());
-            bounded("XADD", left, pipe.query_async(conn)).await
-        }
-        Err(e) => Err(failed("XADD", &e)),
     }
 }
 
@@ -588,8 +575,12 @@ impl Queue {
         let mut pipe = redis::pipe();
         pipe.atomic();
         self.finish(&mut pipe, entry);
-        let mut conn = self.conn.clone();
-        bounded("ack", self.op_timeout, pipe.query_async::<()>(&mut conn)).await?;
+        // Twice is harmless (see above); failed, the job would run again once reclaimed.
+        bounded_reconnecting("ack", self.op_timeout, || {
+            let (pipe, mut conn) = (&pipe, self.conn.clone());
+            async move { pipe.query_async::<()>(&mut conn).await }
+        })
+        .await?;
         Ok(())
     }
 
