@@ -476,8 +476,16 @@ impl Queue {
         cmd.arg("STREAMS").arg(self.stream_key(shard)).arg(">");
         let timeout = self.op_timeout + block.unwrap_or_default();
         let mut conn = conn.clone();
-        let reply: RedisResult<Option<StreamReadReply>> =
+        let started = tokio::time::Instant::now();
+        let mut reply: RedisResult<Option<StreamReadReply>> =
             bounded_raw("XREADGROUP", timeout, cmd.query_async(&mut conn)).await?;
+        if matches!(&reply, Err(e) if e.is_unrecoverable_error()) {
+            // Redis had closed this connection (a restart): once more on the new one, rather than
+            // a failed read and the reader's pause. Entries a broken read had delivered stay
+            // pending for this consumer, as after any failed read.
+            let left = timeout.saturating_sub(started.elapsed());
+            reply = bounded_raw("XREADGROUP", left, cmd.query_async(&mut conn)).await?;
+        }
         Ok(reply.map(|reply| {
             reply
                 .map(|r| r.keys)
@@ -789,6 +797,26 @@ pub(crate) mod tests {
         let jobs = jobs.expect("the first enqueue after the restart must reconnect, not fail");
         assert_eq!(jobs[0].durable_in, "redis");
         assert_eq!(queue.backlog().await.unwrap(), 1, "the restarted Redis holds the new entry, once");
+        redis.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_blocking_read_after_a_redis_restart_goes_through_on_a_new_connection() {
+        let mut redis = OwnRedis::start().await;
+        let queue =
+            Queue::new(connect_lazy(&redis.url()).unwrap(), "parley", 1).with_blocking_reads(&redis.url()).unwrap();
+        queue.ensure_group(0).await.unwrap();
+        queue.enqueue(&[message("33612345678", "wamid.before", "hi")]).await.unwrap();
+        assert_eq!(queue.read_new(0, "w1", 10, Duration::from_millis(10)).await.unwrap().len(), 1);
+
+        // Redis restarts (empty) while the reader's connection is idle.
+        redis.stop().await;
+        redis.restart().await;
+        queue.enqueue(&[message("33612345678", "wamid.after", "hi")]).await.unwrap();
+        let read = queue.read_new(0, "w1", 10, Duration::from_millis(10)).await;
+
+        let read = read.expect("the first read after the restart must reconnect, not fail");
+        assert_eq!(read.iter().map(wamid).collect::<Vec<_>>(), ["wamid.after"]);
         redis.stop().await;
     }
 
