@@ -27,7 +27,7 @@ use std::{fmt, sync::LazyLock, time::Duration};
 use redis::{Script, aio::ConnectionManager};
 
 use super::streams::{DEFAULT_OP_TIMEOUT, QueueError};
-use crate::kv::bounded;
+use crate::kv::{bounded, bounded_reconnecting};
 
 /// Takes a free lease, or extends one we already hold.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
@@ -142,8 +142,13 @@ impl Leases {
         if let Some(ttl) = ttl {
             invocation.arg(millis(ttl));
         }
-        let mut conn = self.conn.clone();
-        let done: i64 = bounded(op, self.op_timeout, invocation.invoke_async(&mut conn)).await?;
+        // Each lease script is idempotent for its worker (take or extend its own lease, free its
+        // own): safe to send again on a connection Redis had closed (see `bounded_reconnecting`).
+        let done: i64 = bounded_reconnecting(op, self.op_timeout, || {
+            let (invocation, mut conn) = (&invocation, self.conn.clone());
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await?;
         Ok(done == 1)
     }
 
@@ -161,18 +166,12 @@ impl Leases {
 
     /// Announces `worker_id` as alive for `ttl`.
     pub async fn heartbeat(&self, worker_id: &str, ttl: Duration) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
-        let since = chrono::Utc::now().to_rfc3339();
-        bounded(
-            "heartbeat",
-            self.op_timeout,
-            redis::cmd("SET")
-                .arg(self.heartbeat_key(worker_id))
-                .arg(since)
-                .arg("PX")
-                .arg(millis(ttl))
-                .query_async::<()>(&mut conn),
-        )
+        let mut set = redis::cmd("SET");
+        set.arg(self.heartbeat_key(worker_id)).arg(chrono::Utc::now().to_rfc3339()).arg("PX").arg(millis(ttl));
+        bounded_reconnecting("heartbeat", self.op_timeout, || {
+            let (set, mut conn) = (&set, self.conn.clone());
+            async move { set.query_async::<()>(&mut conn).await }
+        })
         .await?;
         Ok(())
     }
@@ -268,13 +267,34 @@ fn escape_glob(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::tests::{delete_prefix, shared_redis, test_prefix};
+    use crate::kv::{
+        connect,
+        tests::{OwnRedis, delete_prefix, shared_redis, test_prefix},
+    };
 
     const TTL: Duration = Duration::from_secs(15);
 
     async fn leases() -> (Leases, String) {
         let prefix = test_prefix();
         (Leases::new(shared_redis().await, prefix.clone()), prefix)
+    }
+
+    #[tokio::test]
+    async fn the_first_lease_calls_after_a_redis_restart_go_through_on_a_new_connection() {
+        let mut redis = OwnRedis::start().await;
+        let leases = Leases::new(connect(&redis.url()).await.unwrap(), "parley");
+        assert!(leases.acquire(0, "w1", TTL).await.unwrap());
+
+        // Redis restarts (empty) while the connection is idle: the worker's next round.
+        redis.stop().await;
+        redis.restart().await;
+
+        leases.heartbeat("w1", TTL).await.expect("the heartbeat must reconnect, not fail");
+        assert!(!leases.renew(0, "w1", TTL).await.unwrap(), "the lease went with the empty Redis");
+        redis.stop().await;
+        redis.restart().await;
+        assert!(leases.acquire(0, "w1", TTL).await.expect("so must a lease script"), "the free shard is taken again");
+        redis.stop().await;
     }
 
     #[tokio::test]
