@@ -78,16 +78,31 @@ pub(crate) async fn bounded_raw<T>(
 pub(crate) async fn bounded_reconnecting<T, F, Fut>(
     op: &'static str,
     timeout: Duration,
-    mut call: F,
+    call: F,
 ) -> Result<T, RedisError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = RedisResult<T>>,
+{
+    bounded_raw_reconnecting(op, timeout, call).await?.map_err(|e| failed(op, &e))
+}
+
+/// [`bounded_reconnecting`] handing Redis's own error back, as [`bounded_raw`] does.
+pub(crate) async fn bounded_raw_reconnecting<T, F, Fut>(
+    op: &'static str,
+    timeout: Duration,
+    mut call: F,
+) -> Result<RedisResult<T>, RedisError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = RedisResult<T>>,
 {
     let started = tokio::time::Instant::now();
     match bounded_raw(op, timeout, call()).await? {
-        Err(e) if e.is_unrecoverable_error() => bounded(op, timeout.saturating_sub(started.elapsed()), call()).await,
-        result => result.map_err(|e| failed(op, &e)),
+        Err(e) if e.is_unrecoverable_error() => {
+            bounded_raw(op, timeout.saturating_sub(started.elapsed()), call()).await
+        }
+        result => Ok(result),
     }
 }
 

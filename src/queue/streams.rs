@@ -29,7 +29,9 @@ use redis::{
 use secrecy::SecretString;
 
 use super::event::{AcceptedJob, QueuedEvent};
-use crate::kv::{RedisError, bounded, bounded_raw, bounded_reconnecting, connect_lazy, failed};
+use crate::kv::{
+    RedisError, bounded, bounded_raw, bounded_raw_reconnecting, bounded_reconnecting, connect_lazy, failed,
+};
 
 /// The key prefix used unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "parley";
@@ -475,17 +477,14 @@ impl Queue {
         }
         cmd.arg("STREAMS").arg(self.stream_key(shard)).arg(">");
         let timeout = self.op_timeout + block.unwrap_or_default();
-        let mut conn = conn.clone();
-        let started = tokio::time::Instant::now();
-        let mut reply: RedisResult<Option<StreamReadReply>> =
-            bounded_raw("XREADGROUP", timeout, cmd.query_async(&mut conn)).await?;
-        if matches!(&reply, Err(e) if e.is_unrecoverable_error()) {
-            // Redis had closed this connection (a restart): once more on the new one, rather than
-            // a failed read and the reader's pause. Entries a broken read had delivered stay
-            // pending for this consumer, as after any failed read.
-            let left = timeout.saturating_sub(started.elapsed());
-            reply = bounded_raw("XREADGROUP", left, cmd.query_async(&mut conn)).await?;
-        }
+        // Sent once more on a connection Redis had closed (a restart), rather than a failed read
+        // and the reader's pause. Entries a broken read had delivered stay pending for this
+        // consumer, as after any failed read.
+        let reply: RedisResult<Option<StreamReadReply>> = bounded_raw_reconnecting("XREADGROUP", timeout, || {
+            let (cmd, mut conn) = (&cmd, conn.clone());
+            async move { cmd.query_async(&mut conn).await }
+        })
+        .await?;
         Ok(reply.map(|reply| {
             reply
                 .map(|r| r.keys)

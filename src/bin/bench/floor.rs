@@ -188,26 +188,13 @@ async fn statements(url: String, n: usize, concurrency: usize) -> Result<Duratio
         conns.push(conn);
     }
     let per_task = n / concurrency;
-    let measured = measure_cpu(async {
-        let tasks: Vec<_> = conns
-            .into_iter()
-            .map(|mut conn| {
-                tokio::spawn(async move {
-                    for i in 0..per_task {
-                        select(&mut conn, i as i64).await?;
-                    }
-                    Ok::<_, BenchError>(conn)
-                })
-            })
-            .collect();
-        let mut done = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            done.push(task.await.map_err(|e| BenchError::Failed(e.to_string()))??);
+    let (cpu, conns) = measure_cpu(all_tasks(conns.into_iter().map(|mut conn| async move {
+        for i in 0..per_task {
+            select(&mut conn, i as i64).await?;
         }
-        Ok(done)
-    })
-    .await;
-    let (cpu, conns) = measured?;
+        Ok(conn)
+    })))
+    .await?;
     for conn in conns {
         let _ = conn.close().await;
     }
@@ -236,27 +223,19 @@ async fn scripts(redis_url: SecretString, key: String, n: usize, concurrency: us
     let _: i64 =
         script.key(&*key).invoke_async(&mut warm).await.map_err(|e| BenchError::Failed(format!("Redis: {e}")))?;
     let per_task = n / concurrency;
-    let (cpu, ()) = measure_cpu(async {
-        let tasks: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let (script, key, mut conn) = (script.clone(), key.clone(), conn.clone());
-                tokio::spawn(async move {
-                    for _ in 0..per_task {
-                        let _: i64 = script
-                            .key(&*key)
-                            .invoke_async(&mut conn)
-                            .await
-                            .map_err(|e| BenchError::Failed(format!("Redis: {e}")))?;
-                    }
-                    Ok::<_, BenchError>(())
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.map_err(|e| BenchError::Failed(e.to_string()))??;
+    let (cpu, _) = measure_cpu(all_tasks((0..concurrency).map(|_| {
+        let (script, key, mut conn) = (script.clone(), key.clone(), conn.clone());
+        async move {
+            for _ in 0..per_task {
+                let _: i64 = script
+                    .key(&*key)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| BenchError::Failed(format!("Redis: {e}")))?;
+            }
+            Ok(())
         }
-        Ok(())
-    })
+    })))
     .await?;
     let _: Result<i64, _> = redis::cmd("DEL").arg(&*key).query_async(&mut warm).await;
     Ok(cpu.div_f64((per_task * concurrency) as f64))
@@ -300,29 +279,17 @@ async fn http_calls(addr: SocketAddr, n: usize, concurrency: usize) -> Result<Du
         Ok(())
     };
     // Opens the pool's connections outside the measured loop.
-    let warm: Vec<_> =
-        (0..concurrency).map(|_| tokio::spawn(call(client.clone(), url.clone(), body.clone()))).collect();
-    for task in warm {
-        task.await.map_err(|e| BenchError::Failed(e.to_string()))??;
-    }
+    all_tasks((0..concurrency).map(|_| call(client.clone(), url.clone(), body.clone()))).await?;
     let per_task = n / concurrency;
-    let (cpu, ()) = measure_cpu(async {
-        let tasks: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let (client, url, body) = (client.clone(), url.clone(), body.clone());
-                tokio::spawn(async move {
-                    for _ in 0..per_task {
-                        call(client.clone(), url.clone(), body.clone()).await?;
-                    }
-                    Ok::<_, BenchError>(())
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.map_err(|e| BenchError::Failed(e.to_string()))??;
+    let (cpu, _) = measure_cpu(all_tasks((0..concurrency).map(|_| {
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        async move {
+            for _ in 0..per_task {
+                call(client.clone(), url.clone(), body.clone()).await?;
+            }
+            Ok(())
         }
-        Ok(())
-    })
+    })))
     .await?;
     Ok(cpu.div_f64((per_task * concurrency) as f64))
 }
@@ -363,6 +330,21 @@ async fn served(addr: SocketAddr, pid: u32, n: usize, concurrency: usize) -> Res
         return Err(BenchError::Failed(format!("the bare server answered {} of {n} requests", run.ok())));
     }
     Ok(used.div_f64(n as f64))
+}
+
+/// Runs each of `tasks` as a task of its own, all at once, and waits for every one: their outputs,
+/// in order, or the first error.
+async fn all_tasks<T, Fut>(tasks: impl IntoIterator<Item = Fut>) -> Result<Vec<T>, BenchError>
+where
+    T: Send + 'static,
+    Fut: Future<Output = Result<T, BenchError>> + Send + 'static,
+{
+    let handles: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(handles.len());
+    for handle in handles {
+        outputs.push(handle.await.map_err(|e| BenchError::Failed(e.to_string()))??);
+    }
+    Ok(outputs)
 }
 
 /// This process's CPU while `work` runs.
