@@ -66,6 +66,46 @@ async fn a_body_over_three_mebibytes_is_refused_with_413() {
     app.stop().await;
 }
 
+/// A sender that is still writing an oversized body when the webhook has decided gets the 413,
+/// not a reset connection: the refused body is read to its end (within a bound) before the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_still_writing_an_oversized_body_reads_the_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = TestApp::spawn().await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let len = 4 * 1024 * 1024;
+    let head = format!(
+        "POST /api/v1/whatsapp/webhook HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: {len}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The declared length is refused from the headers: give the webhook time to decide before
+    // the body comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let chunk = vec![b' '; 64 * 1024];
+    for _ in 0..len / chunk.len() {
+        stream.write_all(&chunk).await.expect("the connection must stay open while the body is sent");
+    }
+
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .expect("the answer must not be a reset connection");
+        assert!(read > 0, "the connection closed without an answer");
+        answer.extend_from_slice(&buf[..read]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    settle().await;
+    assert!(app.meta().sent().is_empty());
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_bodies_without_entries_are_refused_with_400() {
     let app = TestApp::spawn().await;

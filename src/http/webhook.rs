@@ -98,6 +98,7 @@ pub(crate) async fn accept_notification(state: &HttpState, req: &Request, body: 
 
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        drain(&mut body.into()).await;
         return too_large();
     }
 
@@ -228,14 +229,44 @@ enum BodyError {
 /// frame (the usual case) is returned without a copy; poem's `into_bytes_limit` copies every chunk
 /// twice through a zeroed 4 KiB buffer that also made each request's future 4 KiB larger.
 async fn read_body(body: Body) -> Result<bytes::Bytes, BodyError> {
-    use http_body_util::{BodyExt, LengthLimitError, Limited, combinators::BoxBody};
+    use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-    let body: BoxBody<bytes::Bytes, std::io::Error> = body.into();
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+    let mut body: RawBody = body.into();
+    match Limited::new(&mut body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(BodyError::TooLarge),
+        Err(e) if e.is::<LengthLimitError>() => {
+            drain(&mut body).await;
+            Err(BodyError::TooLarge)
+        }
         Err(e) => Err(BodyError::Unreadable(e.to_string())),
     }
+}
+
+type RawBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
+
+/// How much of a refused body is still read, and thrown away, before the 413 is sent.
+const DRAIN_BYTES: usize = 16 * 1024 * 1024;
+/// How long that reading may take.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and discards what is left of a body refused for its size (up to [`DRAIN_BYTES`], for
+/// [`DRAIN_TIME`]): a connection closed with unread data is reset, and a sender still writing its
+/// body would get a broken pipe instead of the 413 (seen in the webhook edges test, and what Meta
+/// would get too). Past either bound the connection is dropped as before.
+async fn drain(body: &mut RawBody) {
+    use http_body_util::BodyExt;
+
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut left = DRAIN_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            let read = frame.data_ref().map_or(0, bytes::Bytes::len);
+            if read >= left {
+                return;
+            }
+            left -= read;
+        }
+    })
+    .await;
 }
 
 enum ChannelAuthError {
